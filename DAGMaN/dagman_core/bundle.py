@@ -1,0 +1,156 @@
+"""Model bundles: weights without pickle (safetensors) plus ``model.json`` describing how to run them.
+
+``model.json`` carries the architecture (the full configuration), the preprocessing the network was
+trained with (orientation, spacing, HU window, crop size), the task, the labels with their
+terminology codes and the provenance (version, date, training data summary, sha256 of the weights),
+so that inference reproduces training preprocessing exactly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import DAGMaNConfig, config_from_dict, load_config
+from .models.segmentation import DAGMaNSegmenter
+from .terminology import describe_label
+
+BUNDLE_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+MODEL_JSON = "model.json"
+
+
+class BundleError(ValueError):
+    """A model folder that is missing, incomplete or fails its checksum."""
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocessing_of(config: DAGMaNConfig) -> dict:
+    """Return the preprocessing section of ``model.json`` for a segmentation model of ``config``."""
+    crop = config.finetune.crop_size
+    return {
+        "orientation": "RAS",
+        "spacing_mm": [config.data.spacing_mm] * 3,
+        "hu_window": list(config.data.hu_window),
+        "crop_size": [crop, crop, crop],
+        "sliding_window_overlap": 0.5,
+        "sliding_window_blend": "gaussian",
+    }
+
+
+def write_bundle(
+    output_dir: str | os.PathLike,
+    model: DAGMaNSegmenter,
+    labels: dict[int, str],
+    name: str,
+    training_data: dict,
+    extra_provenance: dict | None = None,
+) -> Path:
+    """Write ``model`` and its ``model.json`` into ``output_dir``, replacing it only once complete."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        weights_path = staging / WEIGHTS_FILE
+        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(state, str(weights_path), metadata={"format": "pt"})
+
+        config = model.config
+        description = {
+            "format_version": BUNDLE_FORMAT,
+            "name": name,
+            "task": "segmentation",
+            "architecture": {"type": "dagman_swin_unetr", "num_classes": model.num_classes, "config": config.to_dict()},
+            "preprocessing": preprocessing_of(config),
+            "labels": [describe_label(value, label) for value, label in sorted(labels.items()) if value != 0],
+            "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(weights_path), "format": "safetensors"},
+            "provenance": {
+                "dagman_version": __version__,
+                "torch_version": torch.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "training_data": training_data,
+                **(extra_provenance or {}),
+            },
+        }
+        (staging / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def read_model_json(model_dir: str | os.PathLike) -> dict:
+    """Read and check ``model.json`` of a bundle folder."""
+    model_dir = Path(model_dir)
+    description_path = model_dir / MODEL_JSON
+    if not description_path.exists():
+        raise BundleError(f"not a DAGMaN model folder: {description_path} is missing (create one with 'dagman export')")
+    description = json.loads(description_path.read_text(encoding="utf-8"))
+    if description.get("format_version") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"model folder {model_dir} has bundle format {description.get('format_version')!r}; "
+            f"this version of DAGMaN reads format {BUNDLE_FORMAT}"
+        )
+    return description
+
+
+def load_bundle(model_dir: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    """Load a segmentation bundle; return ``(model, description)`` with the model in eval mode.
+
+    Raises:
+        BundleError: ``model.json`` or the weights are missing, or the weights' sha256 differs from
+            the one recorded (a corrupt or replaced file).
+    """
+    model_dir = Path(model_dir)
+    description = read_model_json(model_dir)
+    weights_path = model_dir / description["weights"]["file"]
+    if not weights_path.exists():
+        raise BundleError(f"weights file missing from model folder: {weights_path}")
+    if verify:
+        actual = sha256_of(weights_path)
+        expected = description["weights"]["sha256"]
+        if actual != expected:
+            raise BundleError(f"checksum mismatch for {weights_path}: sha256 {actual}, model.json records {expected}")
+
+    architecture = description["architecture"]
+    if architecture.get("type") != "dagman_swin_unetr":
+        raise BundleError(f"unsupported architecture {architecture.get('type')!r} in {model_dir / MODEL_JSON}")
+    config = config_from_dict(architecture["config"])
+    model = DAGMaNSegmenter(config, num_classes=int(architecture["num_classes"]))
+    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    return model.to(device).eval(), description
+
+
+def write_random_bundle(output_dir: str | os.PathLike, preset: str = "tiny_cpu", seed: int = 0) -> Path:
+    """Write an untrained (randomly initialised, seeded) lung-tumor bundle: a real model for self-tests."""
+    config = load_config(preset)
+    torch.manual_seed(seed)
+    model = DAGMaNSegmenter(config, num_classes=2)
+    return write_bundle(
+        output_dir,
+        model,
+        labels={1: "Lung tumor"},
+        name=f"untrained {preset} (self-test)",
+        training_data={"cases": 0, "note": "random weights for testing the pipeline; not a trained model"},
+    )

@@ -1,0 +1,84 @@
+"""Command line of inference, shared by ``dagman infer`` and ``python -m dagman_core.inference``.
+
+Slicer runs the latter in a child process; ``--progress json`` prints one JSON object per line
+(``stage``, ``fraction``, ``message``), and a failure ends with a line whose stage is ``error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("dagman_core.inference")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the inference options to ``parser``."""
+    parser.add_argument("--model", required=True, help="model folder written by 'dagman export' (holds model.json)")
+    parser.add_argument("--input", required=True, help="CT volume: NIfTI, NRRD or MHA file, or a DICOM series folder (HU)")
+    parser.add_argument("--output", required=True, help="folder for segmentation.nrrd, attention.nrrd and result.json")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--window-batch", type=int, default=1, help="sliding windows per forward pass (default: 1)")
+    parser.add_argument(
+        "--progress", choices=("bar", "json", "none"), default="bar", help="progress as a bar, JSON lines on stdout, or none"
+    )
+    return parser
+
+
+class JsonProgress:
+    """Print one JSON object per progress update on stdout, flushed at once for the reading process."""
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        print(json.dumps({"stage": stage, "fraction": round(float(fraction), 4), "message": message}), flush=True)
+
+
+class BarProgress:
+    """Show a tqdm bar on stderr for the sliding windows and log the other stages."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        from tqdm import tqdm
+
+        if stage == "infer":
+            if self.bar is None:
+                self.bar = tqdm(total=100, desc="inference", unit="%")
+            self.bar.n = round(100 * fraction)
+            self.bar.refresh()
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        logger.info("%s: %s", stage, message)
+
+
+def run(arguments: argparse.Namespace) -> int:
+    """Run inference with parsed ``arguments``; return the process exit code."""
+    from .pipeline import run_inference
+
+    if arguments.progress == "json":
+        progress = JsonProgress()
+    elif arguments.progress == "bar":
+        progress = BarProgress()
+    else:
+        progress = lambda stage, fraction, message: None  # noqa: E731
+
+    try:
+        run_inference(arguments.model, arguments.input, arguments.output, arguments.device, arguments.window_batch, progress)
+    except (OSError, ValueError, RuntimeError) as error:
+        message = f"inference failed: {error}"
+        if arguments.progress == "json":
+            print(json.dumps({"stage": "error", "fraction": 1.0, "message": message}), flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dagman_core.inference``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m dagman_core.inference", description="Run a DAGMaN model on a CT."))
+    return run(parser.parse_args(argv))

@@ -1,0 +1,252 @@
+"""Whole-CT inference: segmentation and the S_ATT attention map, written on the input's exact geometry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from .. import __version__
+from ..bundle import load_bundle
+from ..data.geometry import cell_grid_image, image_to_tensor_ijk, resample_to_ras, resample_to_reference, tensor_ijk_to_image
+from ..data.io import read_image, write_image_atomic
+from ..data.transforms import window_hu
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, float, str], None]
+
+
+def _no_progress(stage: str, fraction: float, message: str) -> None:
+    logger.info("%s (%.0f%%): %s", stage, 100 * fraction, message)
+
+
+# Share of the whole run taken by each stage, so that reported fractions only ever grow.
+STAGE_SPANS = {"load": (0.0, 0.05), "preprocess": (0.05, 0.1), "infer": (0.1, 0.9), "write": (0.9, 1.0), "done": (1.0, 1.0)}
+
+
+def overall_progress(progress: ProgressCallback) -> ProgressCallback:
+    """Wrap ``progress`` so that each stage's own fraction becomes a fraction of the whole run."""
+
+    def report(stage: str, fraction: float, message: str) -> None:
+        start, end = STAGE_SPANS.get(stage, (0.0, 1.0))
+        progress(stage, start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+    return report
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into a torch device; ``auto`` picks CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but this torch build ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"invalid device {device!r}; valid choices: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def window_stride(roi_size: tuple[int, int, int], overlap: float, cell_voxels: int) -> int:
+    """Return the sliding-window stride in voxels: ``roi (1 - overlap)``, which must be whole cells."""
+    strides = {int(size * (1 - overlap)) for size in roi_size}
+    if len(strides) != 1:
+        raise ValueError(f"sliding windows must be cubes, got {roi_size}")
+    stride = strides.pop()
+    if stride < cell_voxels or stride % cell_voxels:
+        raise ValueError(
+            f"window stride {stride} voxels (window {roi_size[0]}, overlap {overlap}) must be a multiple of the "
+            f"{cell_voxels}-voxel attention cell; choose an overlap such as 0.25 or 0.5"
+        )
+    return stride
+
+
+def pad_for_windows(volume: torch.Tensor, roi_size: tuple[int, int, int], stride: int) -> torch.Tensor:
+    """Pad a (B, C, X, Y, Z) volume at the high end so each side is ``roi + n stride`` voxels, n >= 0.
+
+    Every window then starts on a multiple of ``stride``, including the last one.
+    """
+    padding = []
+    for size, roi in zip(reversed(volume.shape[2:]), reversed(roi_size)):
+        target = roi + max(int(np.ceil((size - roi) / stride)), 0) * stride
+        padding += [0, target - size]
+    return F.pad(volume, padding, value=0.0)
+
+
+def predict_volume(
+    model,
+    volume: torch.Tensor,
+    roi_size: tuple[int, int, int],
+    overlap: float,
+    window_batch: int,
+    progress: ProgressCallback,
+    blend: str = "gaussian",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run sliding-window inference over a whole volume.
+
+    Args:
+        model: a ``DAGMaNSegmenter`` in eval mode.
+        volume: (1, 1, X, Y, Z) windowed CT on the network grid, each side a multiple of the cell size.
+        roi_size: window size in voxels, a multiple of the cell size.
+        overlap: fraction of overlap between neighbouring windows.
+        window_batch: windows per forward pass.
+        blend: how overlapping class probabilities are weighted (``gaussian`` or ``constant``).
+
+    Returns:
+        Class probabilities (1, C, X, Y, Z) and the attention (1, 1, X/c, Y/c, Z/c) on the cell grid:
+        each window's S_ATT normalised to sum 1 and placed on its cells, overlaps averaged with equal
+        weights, then scaled so that the maximum is 1.
+    """
+    cell = model.cell_voxels
+    cells = [size // cell for size in volume.shape[2:]]
+    attention_sum = torch.zeros(cells, dtype=torch.float32, device=volume.device)
+    attention_count = torch.zeros_like(attention_sum)
+    windows_done = [0]
+
+    def predictor(windows: torch.Tensor, locations) -> torch.Tensor:
+        logits, s_att = model.forward_with_attention(windows)
+        s_att = s_att.float() / s_att.float().sum(dim=(2, 3, 4), keepdim=True).clamp_min(1e-12)
+        for index, location in enumerate(locations):
+            cell_slices = tuple(slice(int(part.start) // cell, int(part.stop) // cell) for part in location[2:])
+            attention_sum[cell_slices] += s_att[index, 0]
+            attention_count[cell_slices] += 1.0
+
+        windows_done[0] += windows.shape[0]
+        progress("infer", min(windows_done[0] / max(total_windows, 1), 1.0), f"window {windows_done[0]} of {total_windows}")
+        return torch.softmax(logits.float(), dim=1)
+
+    steps = [max(int(size * (1 - overlap)), 1) for size in roi_size]
+    total_windows = int(
+        np.prod([max(int(np.ceil((full - roi) / step)), 0) + 1 for full, roi, step in zip(volume.shape[2:], roi_size, steps)])
+    )
+    with torch.inference_mode():
+        probabilities = sliding_window_inference(
+            volume, roi_size, window_batch, predictor, overlap=overlap, mode=blend, with_coord=True
+        )
+    attention = attention_sum / attention_count.clamp_min(1.0)
+    attention = attention / attention.max().clamp_min(1e-12)
+    return probabilities, attention[None, None]
+
+
+def _write_outputs(
+    staging: Path, reference: sitk.Image, ras_grid: sitk.Image, probabilities: torch.Tensor, attention: torch.Tensor, cell_voxels: int
+) -> None:
+    """Resample the network outputs onto the input grid and write them into ``staging``."""
+    # Class probabilities, not labels, are resampled, so label borders follow the input grid smoothly.
+    size = ras_grid.GetSize()
+    resampled = []
+    for channel in range(probabilities.shape[1]):
+        on_ras = tensor_ijk_to_image(probabilities[0, channel, : size[0], : size[1], : size[2]], ras_grid)
+        resampled.append(sitk.GetArrayFromImage(resample_to_reference(on_ras, reference, default_value=0.0)))
+    labels = np.argmax(np.stack(resampled), axis=0).astype(np.uint8)
+    segmentation = sitk.GetImageFromArray(labels)
+    segmentation.CopyInformation(reference)
+    write_image_atomic(segmentation, staging / "segmentation.nrrd")
+
+    cells = attention[0, 0].cpu().numpy().astype(np.float32)
+    cell_image = tensor_ijk_to_image(cells, cell_grid_image(ras_grid, cell_voxels, cells.shape))
+    on_input = sitk.Resample(cell_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    on_input = sitk.Clamp(on_input, sitk.sitkFloat32, 0.0, 1.0)
+    on_input.CopyInformation(reference)
+    write_image_atomic(on_input, staging / "attention.nrrd")
+
+
+def run_inference(
+    model_dir: str | os.PathLike,
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    device: str = "auto",
+    window_batch: int = 1,
+    progress: ProgressCallback | None = None,
+) -> dict:
+    """Segment a CT and map the model's attention; write ``segmentation.nrrd``, ``attention.nrrd``, ``result.json``.
+
+    Both images share the input's size, spacing, origin and direction exactly. The files appear in
+    ``output_dir`` only once all three are complete.
+
+    Args:
+        model_dir: a bundle folder written by ``dagman export``.
+        input_path: a NIfTI, NRRD or MHA file, or a DICOM series folder; intensities in HU.
+        output_dir: the folder that receives the three files (created when missing).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        window_batch: sliding windows per forward pass.
+        progress: called as ``progress(stage, fraction, message)``, with ``fraction`` the share of the
+            whole run done (0..1, never decreasing).
+
+    Returns:
+        The content of ``result.json``.
+    """
+    progress = overall_progress(progress or _no_progress)
+    timings = {}
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+
+    progress("load", 0.0, f"loading model from {model_dir}")
+    model, description = load_bundle(model_dir, torch_device)
+    preprocessing = description["preprocessing"]
+    progress("load", 0.5, f"reading {input_path}")
+    reference = read_image(input_path)
+    timings["load"] = time.perf_counter() - started
+
+    stage_started = time.perf_counter()
+    progress("preprocess", 0.0, "resampling to the RAS grid")
+    spacing_mm = float(preprocessing["spacing_mm"][0])
+    roi_size = tuple(int(size) for size in preprocessing["crop_size"])
+    overlap = float(preprocessing.get("sliding_window_overlap", 0.5))
+    stride = window_stride(roi_size, overlap, model.cell_voxels)
+    # Windows start on a world lattice of the stride, so any storage of one scan gets the same windows.
+    ras_image = resample_to_ras(reference, spacing_mm, anchor_mm=stride * spacing_mm)
+    volume = window_hu(image_to_tensor_ijk(ras_image), tuple(preprocessing["hu_window"]))[None]
+    volume = pad_for_windows(volume, roi_size, stride)
+    timings["preprocess"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    probabilities, attention = predict_volume(
+        model,
+        volume.to(torch_device),
+        roi_size,
+        overlap,
+        window_batch,
+        progress,
+        blend=preprocessing.get("sliding_window_blend", "gaussian"),
+    )
+    timings["infer"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    progress("write", 0.0, "resampling results onto the input grid")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dagman-infer-", dir=output_dir))
+    try:
+        _write_outputs(staging, reference, ras_image, probabilities.cpu(), attention.cpu(), model.cell_voxels)
+        timings["write"] = time.perf_counter() - stage_started
+        timings["total"] = time.perf_counter() - started
+        result = {
+            "task": description["task"],
+            "model": {"name": description["name"], "sha256": description["weights"]["sha256"], "folder": str(Path(model_dir).resolve())},
+            "model_sha256": description["weights"]["sha256"],
+            "input": str(input_path),
+            "device": str(torch_device),
+            "dagman_version": __version__,
+            "labels": description["labels"],
+            "outputs": {"segmentation": "segmentation.nrrd", "attention": "attention.nrrd"},
+            "timings_s": {key: round(value, 3) for key, value in timings.items()},
+        }
+        (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        for name in ("segmentation.nrrd", "attention.nrrd", "result.json"):
+            os.replace(staging / name, output_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    progress("done", 1.0, f"wrote results to {output_dir}")
+    return result
