@@ -1,0 +1,1 @@
+"""Training loops and the headless `dagman` command line of DAGMaN."""

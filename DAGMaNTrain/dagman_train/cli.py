@@ -1,0 +1,129 @@
+"""The ``dagman`` command line: pretrain, fine-tune, export, infer, build datalists and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("dagman")
+
+
+def _pretrain(arguments: argparse.Namespace) -> int:
+    from dagman_core.config import load_config
+
+    from .pretrain import pretrain
+
+    config = load_config(arguments.config)
+    summary = pretrain(config, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
+    print(f"pretrained {summary['steps']} steps in {summary['seconds']} s; run folder: {arguments.output}")
+    return 0
+
+
+def _finetune(arguments: argparse.Namespace) -> int:
+    from .finetune import finetune_segmentation
+
+    summary = finetune_segmentation(arguments.pretrained, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
+    print(f"fine-tuned {summary['steps']} steps in {summary['seconds']} s (final loss {summary['final_loss']:.4f}); run folder: {arguments.output}")
+    return 0
+
+
+def _export(arguments: argparse.Namespace) -> int:
+    from .export import export_run
+
+    folder = export_run(arguments.run, arguments.output, arguments.name)
+    print(f"model bundle written to {folder}")
+    return 0
+
+
+def _datalist(arguments: argparse.Namespace) -> int:
+    from dagman_core.data.datalist import build_datalist
+
+    datalist = build_datalist(arguments.images, arguments.labels, arguments.output)
+    print(f"{len(datalist['training'])} cases written to {arguments.output}")
+    return 0
+
+
+def _demo(arguments: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(arguments.output, pretrain_steps=arguments.pretrain_steps, finetune_steps=arguments.finetune_steps)
+    print(json.dumps({"dice": result["evaluation"]["dice"], "output": str(arguments.output)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``dagman`` with one subcommand per task."""
+    from dagman_core.inference.cli import add_arguments as add_infer_arguments
+
+    parser = argparse.ArgumentParser(prog="dagman", description="DAGMaN self-supervised pretraining and inference for 3D CT.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a DAGMaN encoder on unlabeled CT")
+    pretrain.add_argument("--config", required=True, help="preset name (tiny_cpu, paper_swin) or a YAML file")
+    pretrain.add_argument("--datalist", required=True, help="datalist JSON whose 'training' list names the CT volumes")
+    pretrain.add_argument("--output", required=True, help="run folder to write")
+    pretrain.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the schedules then span N steps)")
+    pretrain.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    pretrain.set_defaults(handler=_pretrain)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on labeled CT")
+    finetune.add_argument("--task", choices=("segmentation",), default="segmentation", help="downstream task (default: segmentation)")
+    finetune.add_argument("--pretrained", required=True, help="pretraining run folder (holds encoder.safetensors)")
+    finetune.add_argument("--datalist", required=True, help="datalist JSON with image and label paths under 'training'")
+    finetune.add_argument("--output", required=True, help="run folder to write")
+    finetune.add_argument("--max-steps", type=int, default=None, help="number of steps (default: finetune.steps of the configuration)")
+    finetune.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    finetune.set_defaults(handler=_finetune)
+
+    export = commands.add_parser("export", help="bundle a fine-tuning run as a model folder for inference and Slicer")
+    export.add_argument("--run", required=True, help="fine-tuning run folder")
+    export.add_argument("--output", required=True, help="model folder to write")
+    export.add_argument("--name", default=None, help="model name shown to users (default: derived from the run)")
+    export.set_defaults(handler=_export)
+
+    infer = commands.add_parser("infer", help="segment a CT and map the model's attention")
+    add_infer_arguments(infer)
+    infer.set_defaults(handler=None)
+
+    datalist = commands.add_parser("datalist", help="write a MONAI-style datalist JSON from a folder of volumes")
+    datalist.add_argument("--images", required=True, help="folder of CT volumes (NIfTI, NRRD, MHA) or DICOM series folders")
+    datalist.add_argument("--labels", default=None, help="folder of label maps, paired with the images by case id")
+    datalist.add_argument("--output", required=True, help="datalist JSON file to write")
+    datalist.set_defaults(handler=_datalist)
+
+    demo = commands.add_parser("demo", help="pretrain, fine-tune, export and run a tiny model on two public chest CTs")
+    demo.add_argument("--output", required=True, help="folder for the demo's runs, model and results")
+    demo.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: the demo's)")
+    demo.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (default: the demo's)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dagman`` console script."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+    if arguments.command == "infer":
+        from dagman_core.inference.cli import run as run_infer
+
+        return run_infer(arguments)
+
+    try:
+        return arguments.handler(arguments)
+    except (OSError, ValueError, FloatingPointError) as error:
+        logger.error("%s failed: %s", arguments.command, error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Segmentation fine-tuning: the pretrained DAGMaN encoder plus a SwinUNETR decoder, all layers trained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceCELoss
+from monai.transforms import Compose
+from safetensors.torch import load_file, save_file
+
+from dagman_core.data.datalist import label_names, load_datalist
+from dagman_core.data.transforms import segmentation_transforms
+from dagman_core.models.segmentation import DAGMaNSegmenter
+from dagman_core.schedules import cosine_schedule
+
+from .pretrain import ENCODER_FILE, parameter_groups
+from .runs import MetricsLog, atomic_write_text, progress_bar, read_run_config, seed_everything, write_config
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "segmenter.safetensors"
+RUN_INFO = "finetune.json"
+DEFAULT_LABELS = {1: "Lung tumor"}
+
+
+def finetune_segmentation(
+    pretrained_run: str | Path,
+    datalist: str | Path,
+    output_dir: str | Path,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict:
+    """Fine-tune a segmentation model from a pretraining run folder and write a fine-tuning run folder.
+
+    The architecture and preprocessing come from the pretraining run's ``config.yaml``; the steps,
+    crop size, batch size and learning rate from its ``finetune`` section. Label names come from the
+    datalist's ``labels`` mapping (``{"1": "Lung tumor"}`` when it has none).
+
+    Returns:
+        The run summary written to ``finetune.json``.
+    """
+    pretrained_run, run_dir = Path(pretrained_run), Path(output_dir)
+    config = read_run_config(pretrained_run)
+    encoder_path = pretrained_run / ENCODER_FILE
+    if not encoder_path.exists():
+        raise FileNotFoundError(f"pretrained encoder not found: {encoder_path}; run 'dagman pretrain' first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    seed_everything(config.train.seed)
+    torch_device = torch.device(device)
+    settings = config.finetune
+
+    # Data: crops centred on label and background voxels in equal numbers.
+    cases = load_datalist(datalist, "training", require_labels=True)
+    names = label_names(datalist) or dict(DEFAULT_LABELS)
+    names = {value: name for value, name in names.items() if value != 0}
+    num_classes = max(names) + 1
+    deterministic, random_crops = segmentation_transforms(config, samples_per_volume=settings.batch_size)
+    transform = Compose([*deterministic.transforms, *random_crops.transforms]).set_random_state(config.train.seed)
+    dataset = CacheDataset(cases, transform, progress=False)
+    _check_label_values(dataset, num_classes)
+    loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(config.train.seed))
+
+    # Model: encoder and SA block from pretraining, decoder from scratch.
+    model = DAGMaNSegmenter(config, num_classes=num_classes, drop_path=0.1)
+    model.load_pretrained_encoder(load_file(str(encoder_path)))
+    model.to(torch_device).train()
+
+    total_steps = settings.steps if max_steps is None else max_steps
+    optimizer = torch.optim.AdamW(parameter_groups(model), lr=settings.lr, weight_decay=settings.weight_decay)
+    lr_schedule = cosine_schedule(settings.lr, settings.lr * 0.01, total_steps, warmup_steps=min(20, total_steps // 10))
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    bar = progress_bar(total_steps, "fine-tune", show_progress)
+    started, step, loss_value = time.perf_counter(), 0, float("nan")
+    try:
+        while step < total_steps:
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr_schedule[step])
+                images = batch["image"].as_tensor().to(torch_device)
+                labels = batch["label"].as_tensor().to(torch_device).long()
+
+                loss = loss_function(model(images), labels)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"fine-tuning loss is {loss_value} at step {step}; lower finetune.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+                optimizer.step()
+
+                metrics.write({"step": step, "loss": round(loss_value, 6), "lr": float(lr_schedule[step])})
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+                bar.update(1)
+                step += 1
+    finally:
+        bar.close()
+        metrics.close()
+
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(run_dir / MODEL_FILE))
+    summary = {
+        "task": "segmentation",
+        "num_classes": num_classes,
+        "labels": {str(value): name for value, name in sorted(names.items())},
+        "steps": step,
+        "final_loss": loss_value,
+        "seconds": round(time.perf_counter() - started, 2),
+        "pretrained_run": str(pretrained_run.resolve()),
+        "training_data": {"datalist": str(Path(datalist).resolve()), "cases": len(cases)},
+    }
+    atomic_write_text(run_dir / RUN_INFO, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _check_label_values(dataset: CacheDataset, num_classes: int) -> None:
+    """Raise when a cached label map holds a value with no name, which the loss could not encode."""
+    for index in range(len(dataset._cache)):
+        item = dataset._cache[index]
+        largest = int(item["label"].max())
+        if largest >= num_classes:
+            source = item["label"].meta.get("filename_or_obj", f"case {index}")
+            raise ValueError(
+                f"label map {source} holds value {largest}, but the datalist names labels up to {num_classes - 1}; "
+                "add the missing values to the datalist's 'labels' mapping"
+            )
+
+
+def load_finetuned(run_dir: str | Path, device: str = "cpu") -> tuple[DAGMaNSegmenter, dict]:
+    """Load the segmenter of a fine-tuning run folder; return ``(model, finetune.json content)``."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_INFO
+    if not info_path.exists():
+        raise FileNotFoundError(f"not a fine-tuning run folder: {info_path} is missing (run 'dagman finetune' first)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    model = DAGMaNSegmenter(read_run_config(run_dir), num_classes=int(info["num_classes"]))
+    model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
+    return model.to(device).eval(), info

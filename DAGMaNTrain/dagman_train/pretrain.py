@@ -1,0 +1,184 @@
+"""DAGMaN pretraining on unlabeled CT: data, student and teacher, schedules, then the step loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import Compose
+from safetensors.torch import save_file
+
+from dagman_core.codistillation import CoDistillation
+from dagman_core.config import DAGMaNConfig
+from dagman_core.data.datalist import load_datalist
+from dagman_core.data.transforms import pretraining_transforms
+from dagman_core.schedules import cosine_schedule, ema_momentum_schedule, teacher_temperature_schedule
+
+from .runs import MetricsLog, atomic_torch_save, atomic_write_text, progress_bar, seed_everything, write_config
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+def parameter_groups(model: torch.nn.Module) -> list[dict]:
+    """Split parameters into those with weight decay and biases and norms, which get none."""
+    decayed, not_decayed = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(".bias"):
+            not_decayed.append(parameter)
+        else:
+            decayed.append(parameter)
+    return [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0, "no_decay": True}]
+
+
+def build_loader(config: DAGMaNConfig, datalist: Path, seed: int) -> DataLoader:
+    """Cache the deterministic preprocessing of every volume and return a shuffling loader of view pairs."""
+    cases = load_datalist(datalist, "training")
+    deterministic, random_views = pretraining_transforms(config)
+    transform = Compose([*deterministic.transforms, *random_views.transforms]).set_random_state(seed)
+    dataset = CacheDataset(cases, transform, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=False, generator=generator, num_workers=0)
+
+
+def pretrain(
+    config: DAGMaNConfig,
+    datalist: str | Path,
+    output_dir: str | Path,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict:
+    """Pretrain a DAGMaN encoder and write the run folder.
+
+    The folder receives ``config.yaml``, ``metrics.jsonl`` (one line per step), ``checkpoint.pt``
+    (student, teacher, centers, optimiser and step), ``encoder.safetensors`` (the teacher's encoder,
+    which fine-tuning starts from) and ``summary.json``.
+
+    Args:
+        config: the resolved configuration.
+        datalist: MONAI-style datalist JSON whose ``training`` list names the CT volumes.
+        output_dir: the run folder (created when missing).
+        max_steps: stop after this many steps; the schedules then span ``max_steps``.
+        device: ``cpu`` or ``cuda``.
+        show_progress: show a progress bar on stderr.
+
+    Returns:
+        The run summary (steps, final loss terms, seconds).
+    """
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    generator = seed_everything(config.train.seed)
+    torch_device = torch.device(device)
+
+    # Data: every epoch visits each volume once.
+    loader = build_loader(config, Path(datalist), config.train.seed)
+    steps_per_epoch = len(loader)
+    total_steps = config.train.epochs * steps_per_epoch if max_steps is None else max_steps
+    logger.info("pretraining %s: %d volumes, %d steps per epoch, %d steps", config.name, len(loader.dataset), steps_per_epoch, total_steps)
+
+    # Student and teacher: the teacher starts with the student's weights.
+    model = CoDistillation(config).to(torch_device)
+    model.train()
+
+    # Optimiser and schedules, indexed by the global step.
+    train = config.train
+    lr = train.lr * train.batch_size / train.lr_reference_batch
+    optimizer = torch.optim.AdamW(parameter_groups(model.student), lr=lr)
+    lr_schedule = cosine_schedule(lr, train.min_lr, total_steps, warmup_steps=train.warmup_epochs * steps_per_epoch)
+    wd_schedule = cosine_schedule(train.weight_decay, train.weight_decay_final, total_steps)
+    momentum_schedule = ema_momentum_schedule(train.ema_momentum, total_steps)
+    # A cold teacher (low temperature) at first keeps its targets sharp while they are nearly uniform.
+    temperature_schedule = teacher_temperature_schedule(
+        config.loss.teacher_temperature,
+        config.loss.teacher_temperature_final,
+        config.loss.teacher_temperature_warmup_epochs * steps_per_epoch,
+        total_steps,
+    )
+    frozen_last_layer_steps = train.freeze_last_layer_epochs * steps_per_epoch
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    bar = progress_bar(total_steps, "pretrain", show_progress)
+    started = time.perf_counter()
+    step, last = 0, {}
+    try:
+        while step < total_steps:
+            for batch in loader:
+                if step >= total_steps:
+                    break
+                last = _train_step(
+                    model, optimizer, batch, step, generator, torch_device,
+                    lr_schedule, wd_schedule, momentum_schedule, temperature_schedule, frozen_last_layer_steps, train.clip_grad,
+                )
+                last["epoch"] = step // steps_per_epoch
+                metrics.write(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}")
+                bar.update(1)
+                step += 1
+    finally:
+        bar.close()
+        metrics.close()
+
+    # The teacher's encoder is the pretrained model, as in DINO and iBOT.
+    atomic_torch_save(
+        {
+            "student": model.student.state_dict(),
+            "teacher": model.teacher.state_dict(),
+            "centers": model.centers.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+        },
+        run_dir / "checkpoint.pt",
+    )
+    encoder_state = {key: value.detach().cpu().contiguous() for key, value in model.teacher.encoder.state_dict().items()}
+    save_file(encoder_state, str(run_dir / ENCODER_FILE))
+
+    summary = {"steps": step, "seconds": round(time.perf_counter() - started, 2), "volumes": len(loader.dataset), "final": last}
+    atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, wd_schedule, momentum_schedule,
+                temperature_schedule, frozen_last_layer_steps, clip_grad) -> dict:
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr_schedule[step])
+        if not group.get("no_decay"):
+            group["weight_decay"] = float(wd_schedule[step])
+
+    view_u = batch["view_u"].as_tensor().to(device)
+    view_v = batch["view_v"].as_tensor().to(device)
+    output = model(view_u, view_v, float(temperature_schedule[step]), generator)
+    loss = output.total
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the input volumes")
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip_grad)
+    if step < frozen_last_layer_steps:
+        for parameter in model.student.last_layers():
+            parameter.grad = None
+    optimizer.step()
+    model.update_teacher(float(momentum_schedule[step]))
+
+    return {
+        "step": step,
+        "loss": round(loss.item(), 6),
+        **{name: round(value.item(), 6) for name, value in output.terms.items()},
+        "lr": float(lr_schedule[step]),
+        "weight_decay": float(wd_schedule[step]),
+        "ema_momentum": float(momentum_schedule[step]),
+        "teacher_temperature": float(temperature_schedule[step]),
+        "teacher_entropy": round(output.teacher_entropy, 6),
+        "masked_fraction": round(output.masked_fraction, 6),
+        "log_k": float(np.log(model.config.loss.out_dim)),
+    }

@@ -1,0 +1,98 @@
+"""Run folders: the resolved configuration, per-step metrics and atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from dagman_core.config import DAGMaNConfig, config_from_dict
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch; return a CPU generator for the masking draws."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(state: dict, path: str | os.PathLike) -> Path:
+    """Save a torch checkpoint through a temporary file, fsync, then rename, so it is never half-written."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_config(run_dir: Path, config: DAGMaNConfig) -> None:
+    """Store the resolved configuration as ``config.yaml`` in the run folder."""
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def read_run_config(run_dir: str | os.PathLike) -> DAGMaNConfig:
+    """Read ``config.yaml`` of a run folder."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"not a DAGMaN run folder: {path} is missing")
+    with open(path, encoding="utf-8") as stream:
+        return config_from_dict(yaml.safe_load(stream))
+
+
+class MetricsLog:
+    """Append one JSON line per step to ``metrics.jsonl`` in the run folder."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stream = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def progress_bar(total: int, description: str, enabled: bool = True):
+    """Return a tqdm bar on stderr; disabled when ``enabled`` is False or stderr is not a terminal in CI logs."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
