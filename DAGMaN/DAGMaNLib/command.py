@@ -1,0 +1,87 @@
+"""The inference command line and the environment that the child process runs in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Mapping
+
+DEVICES = ("auto", "cpu", "cuda")
+INFERENCE_MODULE = "dagman_core.inference"
+
+# DAGMaN/ contains both DAGMaNLib/ and the dagman_core/ package, in the source tree and in the
+# installed extension alike, so the child process can import dagman_core from there.
+CORE_PARENT_DIR = Path(__file__).resolve().parent.parent
+
+
+def running_in_slicer_application() -> bool:
+    """Return whether this code runs inside the Slicer application (``slicer.app`` exists)."""
+    slicer_module = sys.modules.get("slicer")
+    return getattr(slicer_module, "app", None) is not None
+
+
+def find_python_executable() -> str:
+    """Return the Python interpreter for the child process.
+
+    Inside Slicer this is ``PythonSlicer``, the launcher that starts Slicer's own Python with
+    its libraries and with the PyTorch extension's torch. Elsewhere it is ``sys.executable``.
+    """
+    if not running_in_slicer_application():
+        return sys.executable
+
+    python_slicer = shutil.which("PythonSlicer")
+    if python_slicer is None:
+        raise FileNotFoundError(
+            "PythonSlicer was not found on PATH, so the inference process cannot start; "
+            "reinstall Slicer or pass python_executable to DAGMaNLogic"
+        )
+    return python_slicer
+
+
+def build_inference_command(
+    python_executable: str, model_dir: Path, input_path: Path, output_dir: Path, device: str
+) -> list[str]:
+    """Return the argument list of ``python -m dagman_core.inference`` with JSON progress on stdout."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is invalid; valid choices: {list(DEVICES)}")
+    return [
+        python_executable,
+        "-m",
+        INFERENCE_MODULE,
+        "--model",
+        str(model_dir),
+        "--input",
+        str(input_path),
+        "--output",
+        str(output_dir),
+        "--device",
+        device,
+        "--progress",
+        "json",
+    ]
+
+
+def build_child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return the child's environment: ``base`` plus ``CORE_PARENT_DIR`` first on ``PYTHONPATH``.
+
+    ``base`` defaults to Slicer's start-up environment inside Slicer (the environment before
+    the launcher changed library paths, as ``slicer.util.launchConsoleProcess`` uses it) and
+    to ``os.environ`` elsewhere. ``PYTHONUNBUFFERED`` makes progress lines arrive as printed.
+    """
+    if base is None:
+        if running_in_slicer_application():
+            import slicer.util
+
+            base = slicer.util.startupEnvironment()
+        else:
+            base = os.environ
+    environment = dict(base)
+
+    python_path = [str(CORE_PARENT_DIR)]
+    if environment.get("PYTHONPATH"):
+        python_path.append(environment["PYTHONPATH"])
+    environment["PYTHONPATH"] = os.pathsep.join(python_path)
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment

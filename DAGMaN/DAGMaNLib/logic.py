@@ -1,0 +1,221 @@
+"""DAGMaNLogic: runs DAGMaN inference on a CT volume node in a child process and loads the results."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .command import DEVICES, build_child_environment, build_inference_command, find_python_executable
+from .display import DEFAULT_FOREGROUND_OPACITY, DEFAULT_LOWER_THRESHOLD, set_foreground_opacity
+from .errors import InferenceCancelled, InferenceError
+from .job import CHILD_PROGRESS_SHARE, InferenceJob, JobState, ProgressCallback
+from .outputs import InferenceOutputs, load_outputs
+from .results import read_result
+from .runner import ProcessRunner, SubprocessRunner
+from .volume_io import write_volume_node
+
+logger = logging.getLogger(__name__)
+
+INPUT_FILE_NAME = "input.nrrd"
+OUTPUT_DIR_NAME = "output"
+
+
+class DAGMaNLogic:
+    """Qt-free logic of the DAGMaN module.
+
+    ``run()`` blocks until the results are in the scene. The widget instead calls
+    ``start()``, then ``job.poll()`` from a timer until it returns ``True``, then
+    ``finish(job)``; ``cancel()`` kills the child process tree at any time.
+
+    The child process is ``python -m dagman_core.inference`` (see ``command.py``); torch is
+    imported only there, never in Slicer's own process.
+    """
+
+    def __init__(
+        self,
+        runner: Optional[ProcessRunner] = None,
+        python_executable: Optional[str] = None,
+        attention_threshold: float = DEFAULT_LOWER_THRESHOLD,
+        attention_opacity: float = DEFAULT_FOREGROUND_OPACITY,
+        keep_temporary_files: bool = False,
+    ):
+        """Create the logic.
+
+        :param runner: starts the child process; ``SubprocessRunner()`` when ``None``.
+        :param python_executable: interpreter for the child; found by ``find_python_executable`` when ``None``.
+        :param attention_threshold: attention values below it are transparent in slice views (0..1).
+        :param attention_opacity: foreground opacity of the attention map over the CT (0..1).
+        :param keep_temporary_files: keep the input/output folder after the run, for debugging.
+        """
+        self.runner = runner if runner is not None else SubprocessRunner()
+        self.python_executable = python_executable
+        self.attention_threshold = attention_threshold
+        self.attention_opacity = attention_opacity
+        self.keep_temporary_files = keep_temporary_files
+        self.job: Optional[InferenceJob] = None
+
+    def run(
+        self,
+        volume_node,
+        model_dir,
+        device: str = "auto",
+        progress_callback: Optional[ProgressCallback] = None,
+        timeout_s: Optional[float] = None,
+        poll_interval_s: float = 0.05,
+    ) -> InferenceOutputs:
+        """Run inference and load its results, blocking until done.
+
+        Raises ``InferenceError`` with the child's message on failure, ``InferenceCancelled``
+        if ``cancel()`` was called (for example from ``progress_callback``), and ``ValueError``
+        for an invalid input volume, model folder or device.
+        """
+        job = self.start(volume_node, model_dir, device, progress_callback, timeout_s)
+        try:
+            while not job.poll():
+                time.sleep(poll_interval_s)
+        except BaseException:
+            # An exception from progress_callback, or KeyboardInterrupt: stop the child too.
+            job.cancel()
+            self._discard(job)
+            raise
+        return self.finish(job)
+
+    def start(
+        self,
+        volume_node,
+        model_dir,
+        device: str = "auto",
+        progress_callback: Optional[ProgressCallback] = None,
+        timeout_s: Optional[float] = None,
+    ) -> InferenceJob:
+        """Write the volume to a temporary .nrrd file and start the inference child process.
+
+        :param volume_node: ``vtkMRMLScalarVolumeNode`` in a scene (CT in HU, any geometry).
+        :param model_dir: folder of a DAGMaN model bundle.
+        :param device: "auto", "cpu" or "cuda".
+        :param progress_callback: called as ``callback(fraction, message)`` with fraction in [0, 1].
+        :param timeout_s: kill the child and fail after this many seconds; ``None`` waits forever.
+        """
+        if self.job is not None and not self.job.finished:
+            raise RuntimeError("An inference is already running; cancel it or wait for it to finish")
+        if self.job is not None:
+            # A finished job whose results were never loaded.
+            self._discard(self.job)
+        model_path = self._validate_inputs(volume_node, model_dir, device)
+
+        temp_dir = Path(tempfile.mkdtemp(prefix="DAGMaN-"))
+        output_dir = temp_dir / OUTPUT_DIR_NAME
+        try:
+            output_dir.mkdir()
+            if progress_callback is not None:
+                progress_callback(0.0, f"Writing {volume_node.GetName()} for the inference process")
+            input_path = temp_dir / INPUT_FILE_NAME
+            write_volume_node(volume_node, input_path)
+
+            python_executable = self.python_executable or find_python_executable()
+            command = build_inference_command(python_executable, model_path, input_path, output_dir, device)
+            try:
+                child = self.runner.start(command, build_child_environment())
+            except OSError as error:
+                raise InferenceError(f"Could not start the inference process {command[0]!r}: {error}") from error
+        except Exception:
+            self._remove_temp_dir(temp_dir)
+            raise
+
+        self.job = InferenceJob(
+            child, volume_node, model_path, device, temp_dir, output_dir, progress_callback, timeout_s
+        )
+        return self.job
+
+    def finish(self, job: InferenceJob) -> InferenceOutputs:
+        """Load the results of a finished job into the scene and delete its temporary folder.
+
+        Raises ``InferenceCancelled`` or ``InferenceError`` for a job that did not succeed;
+        the scene then gets no result nodes.
+        """
+        if not job.finished:
+            raise RuntimeError("The inference job is still running; call job.poll() until it returns True")
+        try:
+            if job.state is JobState.CANCELLED:
+                raise InferenceCancelled("The inference was cancelled")
+            if job.state is JobState.FAILED:
+                raise InferenceError(
+                    f"DAGMaN inference failed: {job.failure_message()}",
+                    returncode=job.returncode,
+                    child_message=job.child_error_message(),
+                )
+
+            if job.volume_node.GetScene() is None:
+                raise InferenceError(
+                    f"The input volume {job.volume_node.GetName()!r} was removed from the scene during the "
+                    "inference, so its results were discarded"
+                )
+
+            job.report(CHILD_PROGRESS_SHARE, "Loading segmentation and attention map")
+            result = read_result(job.output_dir)
+            outputs = load_outputs(job.volume_node, result, self.attention_threshold, self.attention_opacity)
+            job.report(1.0, "Done")
+            return outputs
+        finally:
+            self._discard(job)
+
+    def cancel(self) -> None:
+        """Kill the running child process tree, if any; ``finish`` then raises ``InferenceCancelled``."""
+        if self.job is not None:
+            self.job.cancel()
+
+    def set_attention_opacity(self, opacity: float, attention_node=None) -> None:
+        """Set the foreground opacity (0..1) of the slice views showing ``attention_node`` (any, if ``None``)."""
+        self.attention_opacity = opacity
+        scene = attention_node.GetScene() if attention_node is not None else _default_scene()
+        if scene is not None:
+            set_foreground_opacity(scene, opacity, attention_node)
+
+    def _validate_inputs(self, volume_node, model_dir, device: str) -> Path:
+        if volume_node is None:
+            raise ValueError("No input volume selected; choose a CT scalar volume")
+        if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise ValueError(
+                f"Input {volume_node.GetName()!r} is a {volume_node.GetClassName()}; choose a CT scalar volume"
+            )
+        if volume_node.GetScene() is None:
+            raise ValueError(f"Input volume {volume_node.GetName()!r} is not in a scene")
+        image = volume_node.GetImageData()
+        if image is None or image.GetNumberOfPoints() == 0:
+            raise ValueError(f"Input volume {volume_node.GetName()!r} has no voxels; load the CT first")
+        if image.GetNumberOfScalarComponents() != 1:
+            raise ValueError(
+                f"Input volume {volume_node.GetName()!r} has {image.GetNumberOfScalarComponents()} components per "
+                "voxel; DAGMaN needs a single-component CT"
+            )
+
+        if model_dir is None or str(model_dir).strip() == "":
+            raise ValueError("No model folder selected; choose the folder of a DAGMaN model bundle")
+        model_path = Path(model_dir).expanduser()
+        if not model_path.is_dir():
+            raise ValueError(f"Model folder {str(model_path)!r} does not exist or is not a folder")
+
+        if device not in DEVICES:
+            raise ValueError(f"device {device!r} is invalid; valid choices: {list(DEVICES)}")
+        return model_path.resolve()
+
+    def _discard(self, job: InferenceJob) -> None:
+        self._remove_temp_dir(job.temp_dir)
+        if self.job is job:
+            self.job = None
+
+    def _remove_temp_dir(self, temp_dir: Path) -> None:
+        if self.keep_temporary_files:
+            logger.info("Keeping temporary inference folder %s", temp_dir)
+            return
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _default_scene():
+    import slicer
+
+    return getattr(slicer, "mrmlScene", None)

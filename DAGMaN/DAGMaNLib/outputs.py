@@ -1,0 +1,145 @@
+"""Loading of a finished run's segmentation and attention map into the scene."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import slicer
+import slicer.util
+import vtk
+
+from .display import (
+    add_color_legend,
+    configure_attention_display,
+    get_or_create_inferno_color_table,
+    show_in_slice_views,
+)
+from .errors import ResultFormatError
+from .results import InferenceResult
+from .segmentation import create_segmentation_node
+from .volume_io import read_volume_file
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTE_MODEL_NAME = "DAGMaN.ModelName"
+ATTRIBUTE_MODEL_SHA256 = "DAGMaN.ModelSHA256"
+ATTRIBUTE_LAYER = "DAGMaN.Layer"
+ATTRIBUTE_DEVICE = "DAGMaN.Device"
+ATTRIBUTE_SOURCE_VOLUME = "DAGMaN.SourceVolumeID"
+LAYER_SEGMENTATION = "segmentation"
+LAYER_ATTENTION = "attention"
+
+GEOMETRY_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class InferenceOutputs:
+    """The nodes that one successful run added to the scene, and its parsed ``result.json``."""
+
+    segmentation_node: object
+    attention_node: object
+    result: InferenceResult
+
+
+def load_outputs(
+    volume_node, result: InferenceResult, attention_threshold: float, attention_opacity: float
+) -> InferenceOutputs:
+    """Add the segmentation node and the attention volume node of ``result`` to ``volume_node``'s scene.
+
+    Both nodes get the model name, model SHA-256, device, source volume ID and their layer
+    (``"segmentation"`` or ``"attention"``) as node attributes, the CT's parent transform and
+    its subject hierarchy folder. The attention map is shown as foreground over the CT in
+    every slice view that exists. If anything fails, the nodes added so far are removed.
+    """
+    scene = volume_node.GetScene()
+    base_name = volume_node.GetName() or "Volume"
+    added_nodes = []
+    try:
+        segmentation_node = create_segmentation_node(
+            scene, result.segmentation_path, result.labels, volume_node, f"{base_name} DAGMaN segmentation"
+        )
+        added_nodes.append(segmentation_node)
+
+        attention_node = read_volume_file(
+            scene, result.attention_path, "vtkMRMLScalarVolumeNode", f"{base_name} DAGMaN attention"
+        )
+        added_nodes.append(attention_node)
+        _ensure_float32(attention_node)
+        _check_geometry(volume_node, attention_node, result.attention_path)
+
+        color_node = get_or_create_inferno_color_table(scene)
+        configure_attention_display(attention_node, color_node, attention_threshold)
+        add_color_legend(attention_node)
+
+        for node, layer in ((segmentation_node, LAYER_SEGMENTATION), (attention_node, LAYER_ATTENTION)):
+            _set_attributes(node, result, layer, volume_node)
+            node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+            _place_next_to(node, volume_node)
+
+        views = show_in_slice_views(scene, volume_node, attention_node, attention_opacity)
+        logger.info(
+            "Loaded DAGMaN results for %r: %d segments, attention map shown in %d slice views",
+            base_name,
+            segmentation_node.GetSegmentation().GetNumberOfSegments(),
+            views,
+        )
+        return InferenceOutputs(segmentation_node=segmentation_node, attention_node=attention_node, result=result)
+    except Exception:
+        for node in added_nodes:
+            scene.RemoveNode(node)
+        raise
+
+
+def _ensure_float32(attention_node) -> None:
+    voxels = slicer.util.arrayFromVolume(attention_node)
+    if not np.issubdtype(voxels.dtype, np.floating):
+        raise ResultFormatError(
+            f"The attention map has voxel type {voxels.dtype}; it must be float32 values in [0, 1]"
+        )
+    low, high = float(voxels.min()), float(voxels.max())
+    if low < 0.0 or high > 1.0:
+        logger.warning("Attention values span [%g, %g], outside the expected [0, 1]", low, high)
+    if voxels.dtype != np.float32:
+        slicer.util.updateVolumeFromArray(attention_node, voxels.astype(np.float32))
+
+
+def _check_geometry(volume_node, output_node, path) -> None:
+    """Log a warning when an output is not on the input's voxel grid (it still displays correctly)."""
+    input_matrix = vtk.vtkMatrix4x4()
+    output_matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(input_matrix)
+    output_node.GetIJKToRASMatrix(output_matrix)
+    same_matrix = np.allclose(
+        slicer.util.arrayFromVTKMatrix(input_matrix),
+        slicer.util.arrayFromVTKMatrix(output_matrix),
+        atol=GEOMETRY_TOLERANCE_MM,
+    )
+    same_dimensions = volume_node.GetImageData().GetDimensions() == output_node.GetImageData().GetDimensions()
+    if not (same_matrix and same_dimensions):
+        logger.warning(
+            "%s is not on the input volume's voxel grid (dimensions %s vs %s); Slicer resamples it for display",
+            path,
+            output_node.GetImageData().GetDimensions(),
+            volume_node.GetImageData().GetDimensions(),
+        )
+
+
+def _set_attributes(node, result: InferenceResult, layer: str, volume_node) -> None:
+    node.SetAttribute(ATTRIBUTE_MODEL_NAME, result.model_name)
+    node.SetAttribute(ATTRIBUTE_MODEL_SHA256, result.model_sha256)
+    node.SetAttribute(ATTRIBUTE_LAYER, layer)
+    node.SetAttribute(ATTRIBUTE_DEVICE, result.device)
+    node.SetAttribute(ATTRIBUTE_SOURCE_VOLUME, volume_node.GetID())
+
+
+def _place_next_to(node, volume_node) -> None:
+    """Move ``node`` into the subject hierarchy folder (patient, study) that contains ``volume_node``."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+    if hierarchy is None:
+        return
+    volume_item = hierarchy.GetItemByDataNode(volume_node)
+    node_item = hierarchy.GetItemByDataNode(node)
+    if volume_item and node_item:
+        hierarchy.SetItemParent(node_item, hierarchy.GetItemParent(volume_item))
