@@ -1,0 +1,254 @@
+"""DAGMaNLogic with real child processes: a failing child, a cancelled child tree, and the real inference."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from slicer_fixtures import (  # noqa: F401 (slicer_scene* are fixtures)
+    ijk_to_ras_array,
+    oblique_directions,
+    slicer_scene,
+    slicer_scene_with_views,
+)
+
+import slicer  # noqa: E402
+import slicer.util  # noqa: E402
+from DAGMaNLib import DAGMaNLogic, InferenceCancelled, InferenceError, SubprocessRunner  # noqa: E402
+from DAGMaNLib.outputs import ATTRIBUTE_LAYER, ATTRIBUTE_MODEL_NAME, ATTRIBUTE_MODEL_SHA256  # noqa: E402
+from DAGMaNLib.synthetic import add_synthetic_ct_volume  # noqa: E402
+
+REAL_INFERENCE_TIMEOUT_S = 900
+
+
+class ScriptRunner(SubprocessRunner):
+    """Starts ``python -c SCRIPT`` in place of the inference command, and records the command it replaced."""
+
+    def __init__(self, script: str):
+        self.script = textwrap.dedent(script)
+        self.replaced_commands = []
+
+    def start(self, command, env=None):
+        self.replaced_commands.append(list(command))
+        return super().start([sys.executable, "-c", self.script], env)
+
+
+def result_node_counts(scene) -> dict[str, int]:
+    return {
+        class_name: scene.GetNumberOfNodesByClass(class_name)
+        for class_name in ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode")
+    }
+
+
+def process_is_gone(pid: int) -> bool:
+    """Return whether ``pid`` has exited. A zombie waiting to be reaped by its new parent counts as exited."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def small_ct(slicer_scene):
+    return add_synthetic_ct_volume(slicer_scene, shape_kji=(6, 10, 12))
+
+
+FAILING_WITH_ERROR_LINE = """
+    import json, sys
+    print(json.dumps({"stage": "load", "fraction": 0.1, "message": "Loading model"}), flush=True)
+    print("some library chatter", flush=True)
+    message = "Model bundle is missing weights.safetensors; re-export the model"
+    print(json.dumps({"stage": "error", "fraction": 1.0, "message": message}), flush=True)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(3)
+"""
+
+CRASHING_WITH_TRACEBACK = """
+    import json
+    print(json.dumps({"stage": "load", "fraction": 0.1, "message": "Loading model"}), flush=True)
+    def load():
+        raise RuntimeError("CUDA error: out of memory while allocating 2.0 GiB")
+    load()
+"""
+
+
+@pytest.mark.parametrize(
+    "script, expected_message, expected_returncode",
+    [
+        (FAILING_WITH_ERROR_LINE, "Model bundle is missing weights.safetensors; re-export the model", 3),
+        (CRASHING_WITH_TRACEBACK, "RuntimeError: CUDA error: out of memory while allocating 2.0 GiB", 1),
+    ],
+    ids=["error line", "traceback"],
+)
+def test_failed_child_reports_message(
+    slicer_scene, small_ct, tmp_path, script, expected_message, expected_returncode
+):
+    before = result_node_counts(slicer_scene)
+    runner = ScriptRunner(script)
+    logic = DAGMaNLogic(runner=runner)
+
+    with pytest.raises(InferenceError) as raised:
+        logic.run(small_ct, tmp_path, device="cpu", timeout_s=60)
+
+    error = raised.value
+    assert expected_message in str(error)
+    assert "Traceback" not in str(error)
+    assert error.child_message == expected_message
+    assert error.returncode == expected_returncode
+    assert result_node_counts(slicer_scene) == before
+    output_dir = Path(runner.replaced_commands[0][runner.replaced_commands[0].index("--output") + 1])
+    assert not output_dir.parent.exists()
+    assert logic.job is None
+
+
+def test_successful_child_without_result_fails(slicer_scene, small_ct, tmp_path):
+    runner = ScriptRunner('print(\'{"stage": "done", "fraction": 1.0, "message": "ok"}\')')
+
+    with pytest.raises(InferenceError, match="wrote no result.json"):
+        DAGMaNLogic(runner=runner).run(small_ct, tmp_path, timeout_s=60)
+
+    assert slicer_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_timeout_kills_child(slicer_scene, small_ct, tmp_path):
+    runner = ScriptRunner("import time; time.sleep(60)")
+    started = time.monotonic()
+
+    with pytest.raises(InferenceError, match="did not finish within 1 s"):
+        DAGMaNLogic(runner=runner).run(small_ct, tmp_path, timeout_s=1)
+
+    assert time.monotonic() - started < 20
+
+
+CHILD_WITH_GRANDCHILD = """
+    import json, subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(json.dumps({"stage": "load", "fraction": 0.05, "message": "Loading model"}), flush=True)
+    print(json.dumps({"stage": "spawned", "fraction": 0.1, "message": str(grandchild.pid)}), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_cancel_kills_process_tree(slicer_scene, small_ct, tmp_path):
+    before = result_node_counts(slicer_scene)
+    logic = DAGMaNLogic(runner=ScriptRunner(CHILD_WITH_GRANDCHILD))
+    pids = []
+
+    def on_progress(fraction, message):
+        if message.isdigit():
+            pids.extend([logic.job.child.pid, int(message)])
+            assert psutil.pid_exists(pids[0])
+            assert psutil.pid_exists(pids[1])
+            logic.cancel()
+
+    started = time.monotonic()
+    with pytest.raises(InferenceCancelled):
+        logic.run(small_ct, tmp_path, progress_callback=on_progress, timeout_s=60)
+
+    assert time.monotonic() - started < 30
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while not all(process_is_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        assert process_is_gone(pid), f"process {pid} still runs after cancel"
+    assert result_node_counts(slicer_scene) == before
+    assert logic.job is None
+
+
+def test_start_poll_finish_api(slicer_scene, small_ct, tmp_path):
+    logic = DAGMaNLogic(runner=ScriptRunner(CHILD_WITH_GRANDCHILD))
+    job = logic.start(small_ct, tmp_path, device="cpu")
+    temp_dir = job.temp_dir
+
+    assert job.poll() is False
+    with pytest.raises(RuntimeError, match="already running"):
+        logic.start(small_ct, tmp_path)
+    with pytest.raises(RuntimeError, match="still running"):
+        logic.finish(job)
+    logic.cancel()
+    deadline = time.monotonic() + 10
+    while not job.poll() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert job.state.value == "cancelled"
+    with pytest.raises(InferenceCancelled):
+        logic.finish(job)
+    assert not temp_dir.exists()
+
+
+def test_callback_error_stops_child(slicer_scene, small_ct, tmp_path):
+    logic = DAGMaNLogic(runner=ScriptRunner(CHILD_WITH_GRANDCHILD))
+    pids = []
+
+    def failing_callback(fraction, message):
+        if message == "Loading model":
+            pids.append(logic.job.child.pid)
+            raise KeyError("callback bug")
+
+    with pytest.raises(KeyError, match="callback bug"):
+        logic.run(small_ct, tmp_path, progress_callback=failing_callback, timeout_s=60)
+
+    assert logic.job is None
+    assert len(pids) == 1
+    assert process_is_gone(pids[0])
+
+
+def test_real_inference_tiny_model(slicer_scene_with_views, tiny_model_bundle):
+    scene = slicer_scene_with_views
+    volume_node = add_synthetic_ct_volume(
+        scene,
+        name="Tiny CT",
+        shape_kji=(20, 40, 44),
+        spacing_mm=(1.6, 1.5, 3.0),
+        origin_ras_mm=(-30.0, 12.0, -25.0),
+        directions=oblique_directions(0.1, 0.05),
+    )
+    progress = []
+    logic = DAGMaNLogic()
+
+    outputs = logic.run(
+        volume_node,
+        tiny_model_bundle,
+        device="cpu",
+        progress_callback=lambda fraction, message: progress.append((fraction, message)),
+        timeout_s=REAL_INFERENCE_TIMEOUT_S,
+    )
+
+    assert progress[-1] == (1.0, "Done")
+    assert len(progress) >= 3
+
+    segmentation = outputs.segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(outputs.result.labels)
+    for label in outputs.result.labels:
+        segment_id = segmentation.GetSegmentIdBySegmentName(label.name)
+        assert segment_id != ""
+        assert np.allclose(segmentation.GetSegment(segment_id).GetColor(), label.color, atol=1e-6)
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "exported")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+        outputs.segmentation_node, labelmap_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
+    assert np.allclose(ijk_to_ras_array(labelmap_node), ijk_to_ras_array(volume_node), atol=1e-4)
+
+    attention = outputs.attention_node
+    voxels = slicer.util.arrayFromVolume(attention)
+    assert np.allclose(ijk_to_ras_array(attention), ijk_to_ras_array(volume_node), atol=1e-4)
+    assert attention.GetImageData().GetDimensions() == volume_node.GetImageData().GetDimensions()
+    assert voxels.dtype == np.float32
+    assert np.isfinite(voxels).all()
+    assert voxels.min() >= 0.0
+    assert voxels.max() <= 1.0
+
+    assert len(outputs.result.model_sha256) == 64
+    for node, layer in ((outputs.segmentation_node, "segmentation"), (attention, "attention")):
+        assert node.GetAttribute(ATTRIBUTE_MODEL_NAME) == outputs.result.model_name
+        assert node.GetAttribute(ATTRIBUTE_MODEL_SHA256) == outputs.result.model_sha256
+        assert node.GetAttribute(ATTRIBUTE_LAYER) == layer
+    composite_node = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite_node.GetForegroundVolumeID() == attention.GetID()
