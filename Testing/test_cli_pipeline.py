@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file
@@ -157,22 +156,3 @@ def test_infer_rejects_tampered_weights(tiny_model_bundle: Path, tmp_path: Path,
     assert process.returncode == 1
     assert "checksum mismatch" in process.stderr
     assert not (tmp_path / "out" / "segmentation.nrrd").exists()
-
-
-def test_finetune_reads_cohort_export_layout(pretrain_run: Path, ct_data: Path, tmp_path: Path):
-    cases = tmp_path / "cases"
-    cases.mkdir()
-    for name in ("image", "label"):
-        image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / f"lung2_{name}.nrrd"))
-        sitk.WriteImage(image, str(cases / f"case_001_{name}.nrrd"))
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({
-        "labels": {"0": "background", "1": "Lung tumor"},
-        "training": [{"image": "cases/case_001_image.nrrd", "label": "cases/case_001_label.nrrd"}],
-    }))
-
-    dagman("finetune", "--pretrained", str(pretrain_run), "--datalist", str(datalist), "--output", str(tmp_path / "run"), "--max-steps", "1")
-    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
-    assert info["labels"] == {"1": "Lung tumor"}
-    assert info["training_data"]["cases"] == 1
-    assert np.isfinite(info["final_loss"])

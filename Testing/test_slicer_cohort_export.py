@@ -284,3 +284,25 @@ def test_transformed_segmentation_resampled(slicer_scene):
 
     # The volume's I axis points along R with 1 mm spacing, so the spot moves 3 voxels along I.
     assert np.argwhere(labels).tolist() == [[1, 2, 5]]
+
+
+def test_finetune_reads_exported_cohort(exported, tmp_path):
+    """The exported cohort trains with the real ``dagman pretrain`` and ``dagman finetune`` commands."""
+    import subprocess
+    import sys
+
+    _, output_dir = exported
+    datalist = output_dir / "datalist.json"
+
+    def dagman(*arguments: str) -> None:
+        process = subprocess.run([sys.executable, "-m", "dagman_train.cli", *arguments], capture_output=True, text=True, timeout=900)
+        assert process.returncode == 0, f"dagman {arguments[0]} failed:\n{process.stderr}"
+
+    dagman("pretrain", "--config", "tiny_cpu", "--datalist", str(datalist), "--output", str(tmp_path / "pretrain"), "--max-steps", "1")
+    dagman("finetune", "--pretrained", str(tmp_path / "pretrain"), "--datalist", str(datalist), "--output", str(tmp_path / "finetune"), "--max-steps", "1")
+
+    info = json.loads((tmp_path / "finetune" / "finetune.json").read_text(encoding="utf-8"))
+    assert info["labels"] == {"1": "Lung tumor", "2": "Lung"}
+    assert info["num_classes"] == 3
+    assert info["training_data"]["cases"] == 1
+    assert np.isfinite(info["final_loss"])

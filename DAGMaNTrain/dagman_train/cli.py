@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on labeled CT")
     finetune.add_argument("--task", choices=("segmentation",), default="segmentation", help="downstream task (default: segmentation)")
-    finetune.add_argument("--pretrained", required=True, help="pretraining run folder (holds encoder.safetensors)")
+    finetune.add_argument("--pretrained", required=True, help="pretraining run folder (contains encoder.safetensors)")
     finetune.add_argument("--datalist", required=True, help="datalist JSON with image and label paths under 'training'")
     finetune.add_argument("--output", required=True, help="run folder to write")
     finetune.add_argument("--max-steps", type=int, default=None, help="number of steps (default: finetune.steps of the configuration)")

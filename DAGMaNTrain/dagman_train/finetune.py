@@ -125,14 +125,14 @@ def finetune_segmentation(
 
 
 def _check_label_values(dataset: CacheDataset, num_classes: int) -> None:
-    """Raise when a cached label map holds a value with no name, which the loss could not encode."""
+    """Raise when a cached label map contains a value with no name, which the loss could not encode."""
     for index in range(len(dataset._cache)):
         item = dataset._cache[index]
         largest = int(item["label"].max())
         if largest >= num_classes:
             source = item["label"].meta.get("filename_or_obj", f"case {index}")
             raise ValueError(
-                f"label map {source} holds value {largest}, but the datalist names labels up to {num_classes - 1}; "
+                f"label map {source} contains value {largest}, but the datalist names labels up to {num_classes - 1}; "
                 "add the missing values to the datalist's 'labels' mapping"
             )
 

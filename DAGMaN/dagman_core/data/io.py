@@ -57,7 +57,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     series_id = max(files_per_series, key=lambda key: len(files_per_series[key]))
     if len(series_ids) > 1:
         logger.warning(
-            "folder %s holds %d DICOM series; reading the largest (%s, %d files)",
+            "folder %s contains %d DICOM series; reading the largest (%s, %d files)",
             folder,
             len(series_ids),
             series_id,

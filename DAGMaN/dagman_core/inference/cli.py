@@ -16,7 +16,7 @@ logger = logging.getLogger("dagman_core.inference")
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the inference options to ``parser``."""
-    parser.add_argument("--model", required=True, help="model folder written by 'dagman export' (holds model.json)")
+    parser.add_argument("--model", required=True, help="model folder written by 'dagman export' (contains model.json)")
     parser.add_argument("--input", required=True, help="CT volume: NIfTI, NRRD or MHA file, or a DICOM series folder (HU)")
     parser.add_argument("--output", required=True, help="folder for segmentation.nrrd, attention.nrrd and result.json")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")

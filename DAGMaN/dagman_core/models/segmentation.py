@@ -57,7 +57,7 @@ class DAGMaNSegmenter(nn.Module):
         swin_state = {key[len("backbone.swin."):]: value for key, value in encoder_state.items() if key.startswith("backbone.swin.")}
         sa_state = {key[len("sa."):]: value for key, value in encoder_state.items() if key.startswith("sa.")}
         if not swin_state or not sa_state:
-            raise ValueError("the pretrained state holds no 'backbone.swin.*' or 'sa.*' weights; is it a DAGMaN encoder?")
+            raise ValueError("the pretrained state contains no 'backbone.swin.*' or 'sa.*' weights; is it a DAGMaN encoder?")
         self.unetr.swinViT.load_state_dict(swin_state)
         self.sa.load_state_dict(sa_state)
 
