@@ -78,3 +78,18 @@ def test_reconstruction_head_pixel_shuffle_layout():
     # Output channel (a, b, c) of the token lands on voxel (a, b, c) of its block.
     assert output[0, 0, 1, 0, 1].item() == pytest.approx(5.0)
     assert output[0, 0, 0, 1, 1].item() == pytest.approx(3.0)
+
+
+def test_bundle_refuses_to_replace_other_folder(tmp_path):
+    from dagman_core.bundle import BundleError, load_bundle, write_random_bundle
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not empty"):
+        write_random_bundle(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+    bundle = write_random_bundle(tmp_path / "model")
+    write_random_bundle(bundle, seed=1)
+    model, description = load_bundle(bundle)
+    assert description["labels"][0]["name"] == "Lung tumor"
+    assert model.num_classes == 2

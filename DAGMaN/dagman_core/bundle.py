@@ -63,8 +63,15 @@ def write_bundle(
     training_data: dict,
     extra_provenance: dict | None = None,
 ) -> Path:
-    """Write ``model`` and its ``model.json`` into ``output_dir``, replacing it only once complete."""
+    """Write ``model`` and its ``model.json`` into ``output_dir``, replacing it only once complete.
+
+    An existing ``output_dir`` is replaced only when it is empty or an earlier bundle.
+    """
     output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MODEL_JSON).exists():
+        raise BundleError(
+            f"output folder {output_dir} is not empty and is not a model bundle; choose a new or empty folder"
+        )
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:

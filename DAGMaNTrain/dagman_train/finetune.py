@@ -71,12 +71,14 @@ def finetune_segmentation(
     # Model: encoder and SA block from pretraining, decoder from scratch.
     model = DAGMaNSegmenter(config, num_classes=num_classes, drop_path=0.1)
     model.load_pretrained_encoder(load_file(str(encoder_path)))
-    model.to(torch_device).train()
+    # Channels-last 3D convolutions run about a third faster on CPU (oneDNN) and on recent GPUs.
+    model.to(torch_device, memory_format=torch.channels_last_3d).train()
 
     total_steps = settings.steps if max_steps is None else max_steps
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=settings.lr, weight_decay=settings.weight_decay)
     lr_schedule = cosine_schedule(settings.lr, settings.lr * 0.01, total_steps, warmup_steps=min(20, total_steps // 10))
-    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    # Dice over the whole batch, so that crops without any label voxel still give a stable gradient.
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     bar = progress_bar(total_steps, "fine-tune", show_progress)
@@ -88,7 +90,7 @@ def finetune_segmentation(
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr_schedule[step])
-                images = batch["image"].as_tensor().to(torch_device)
+                images = batch["image"].as_tensor().to(torch_device, memory_format=torch.channels_last_3d)
                 labels = batch["label"].as_tensor().to(torch_device).long()
 
                 loss = loss_function(model(images), labels)

@@ -1,10 +1,10 @@
-"""Resampling between a scan's own voxel grid and the RAS-aligned isotropic grid the network sees.
+"""Resampling between a scan's own voxel grid and the RAS-aligned isotropic grid of the network.
 
 The network always works on a grid whose axes point to patient Right, Anterior and Superior (RAS),
 with isotropic spacing, and whose voxel centres sit on a fixed lattice in world coordinates
 (multiples of the spacing). A CT stored flipped or with permuted axes therefore maps onto the same
-network grid voxel for voxel, and an oblique CT onto the same lattice, which keeps results identical
-in RAS up to interpolation. Results are resampled back onto the input's exact grid.
+network grid voxel for voxel, and an oblique CT onto the same lattice, so its results match up to
+interpolation. Results are resampled back onto the input's exact grid.
 """
 
 from __future__ import annotations
@@ -29,19 +29,14 @@ def physical_corners(image: sitk.Image) -> np.ndarray:
     return np.asarray(corners, dtype=np.float64)
 
 
-def ras_grid_for(image: sitk.Image, spacing_mm: float, anchor_mm: float | None = None) -> sitk.Image:
+def ras_grid_for(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Build an empty RAS-aligned reference grid that covers ``image`` with isotropic ``spacing_mm``.
 
-    Voxel centres lie on multiples of ``spacing_mm`` in world coordinates, and the first voxel on a
-    multiple of ``anchor_mm`` (default: the spacing), so two scans of the same anatomy stored in
-    different voxel orders get the same grid, and sliding windows whose stride is ``anchor_mm`` fall
-    on the same world positions.
+    Voxel centres lie on multiples of ``spacing_mm`` in world coordinates, so two scans of the same
+    anatomy stored in different voxel orders get the same grid.
     """
     if spacing_mm <= 0:
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
-    anchor_mm = spacing_mm if anchor_mm is None else anchor_mm
-    if anchor_mm <= 0 or abs(anchor_mm / spacing_mm - round(anchor_mm / spacing_mm)) > 1e-6:
-        raise ValueError(f"anchor_mm {anchor_mm} must be a positive multiple of spacing_mm {spacing_mm}")
 
     corners = physical_corners(image)
     lower = corners.min(axis=0)
@@ -50,9 +45,9 @@ def ras_grid_for(image: sitk.Image, spacing_mm: float, anchor_mm: float | None =
     # Along LPS x and y the RAS axes point to decreasing coordinates, so the grid starts at the maximum.
     start = np.array(
         [
-            np.ceil(upper[0] / anchor_mm - 1e-6) * anchor_mm,
-            np.ceil(upper[1] / anchor_mm - 1e-6) * anchor_mm,
-            np.floor(lower[2] / anchor_mm + 1e-6) * anchor_mm,
+            np.ceil(upper[0] / spacing_mm - 1e-6) * spacing_mm,
+            np.ceil(upper[1] / spacing_mm - 1e-6) * spacing_mm,
+            np.floor(lower[2] / spacing_mm + 1e-6) * spacing_mm,
         ]
     )
     end = np.array(
@@ -76,7 +71,6 @@ def resample_to_ras(
     spacing_mm: float,
     is_label: bool = False,
     default_value: float | None = None,
-    anchor_mm: float | None = None,
 ) -> sitk.Image:
     """Resample ``image`` onto its RAS-aligned isotropic grid (linear for intensities, nearest for labels).
 
@@ -84,17 +78,18 @@ def resample_to_ras(
         image: the scan on its own grid; CT intensities in HU.
         spacing_mm: the isotropic output spacing in mm.
         is_label: use nearest-neighbour interpolation and keep the integer pixel type.
-        default_value: the value outside the scan; air (-1024 HU) for intensities, 0 for labels.
-        anchor_mm: world lattice of the first voxel (see ``ras_grid_for``).
+        default_value: the value outside the scan for labels (0); intensities repeat the nearest edge voxel.
     """
-    grid = ras_grid_for(image, spacing_mm, anchor_mm)
+    grid = ras_grid_for(image, spacing_mm)
     if is_label:
-        interpolator, pixel_type = sitk.sitkNearestNeighbor, sitk.sitkUInt8
-        default_value = 0.0 if default_value is None else default_value
-    else:
-        interpolator, pixel_type = sitk.sitkLinear, sitk.sitkFloat32
-        default_value = AIR_HU if default_value is None else default_value
-    return sitk.Resample(image, grid, sitk.Transform(), interpolator, float(default_value), pixel_type)
+        return sitk.Resample(
+            image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0 if default_value is None else default_value, sitk.sitkUInt8
+        )
+
+    # Intensities past the scan's edge repeat the nearest edge voxel: an abrupt slab of air where the
+    # grid overhangs the scan would look like anatomy the network never saw in training.
+    default_value = AIR_HU if default_value is None else default_value
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, float(default_value), sitk.sitkFloat32, True)
 
 
 def resample_to_reference(

@@ -1,6 +1,6 @@
 """Command line of inference, shared by ``dagman infer`` and ``python -m dagman_core.inference``.
 
-Slicer runs the latter in a child process; ``--progress json`` prints one JSON object per line
+Slicer runs the latter in a child process. With ``--progress json`` it prints one JSON object per line
 (``stage``, ``fraction``, ``message``), and a failure ends with a line whose stage is ``error``.
 """
 

@@ -21,7 +21,7 @@ from .. import __version__
 from ..bundle import load_bundle
 from ..data.geometry import cell_grid_image, image_to_tensor_ijk, resample_to_ras, resample_to_reference, tensor_ijk_to_image
 from ..data.io import read_image, write_image_atomic
-from ..data.transforms import window_hu
+from ..data.transforms import BODY_THRESHOLD, window_hu
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def window_stride(roi_size: tuple[int, int, int], overlap: float, cell_voxels: int) -> int:
-    """Return the sliding-window stride in voxels: ``roi (1 - overlap)``, which must be whole cells."""
+def check_window_stride(roi_size: tuple[int, int, int], overlap: float, cell_voxels: int) -> int:
+    """Return the sliding-window stride in voxels, ``roi (1 - overlap)``; raise unless it is whole cells."""
     strides = {int(size * (1 - overlap)) for size in roi_size}
     if len(strides) != 1:
         raise ValueError(f"sliding windows must be cubes, got {roi_size}")
@@ -71,16 +71,69 @@ def window_stride(roi_size: tuple[int, int, int], overlap: float, cell_voxels: i
     return stride
 
 
-def pad_for_windows(volume: torch.Tensor, roi_size: tuple[int, int, int], stride: int) -> torch.Tensor:
-    """Pad a (B, C, X, Y, Z) volume at the high end so each side is ``roi + n stride`` voxels, n >= 0.
+def pad_for_windows(volume: torch.Tensor, roi_size: tuple[int, int, int], cell_voxels: int) -> torch.Tensor:
+    """Pad a (B, C, X, Y, Z) volume at the high end to whole attention cells and at least one window.
 
-    Every window then starts on a multiple of ``stride``, including the last one.
+    With the window stride also a whole number of cells, every window, the last one included (which
+    MONAI places flush with the end), starts on a cell boundary, so its S_ATT lands on whole cells.
     """
     padding = []
     for size, roi in zip(reversed(volume.shape[2:]), reversed(roi_size)):
-        target = roi + max(int(np.ceil((size - roi) / stride)), 0) * stride
+        target = max(roi, -(-size // cell_voxels) * cell_voxels)
         padding += [0, target - size]
-    return F.pad(volume, padding, value=0.0)
+    # Replicating the last slices keeps the anatomy continuous where a window reaches past the scan.
+    return F.pad(volume, padding, mode="replicate")
+
+
+def body_region(volume: torch.Tensor, cell_voxels: int, threshold: float, margin: int = 4) -> tuple[slice, slice, slice]:
+    """Return the box (voxel slices) around the body of an (X, Y, Z) windowed CT.
+
+    Training crops come from the same box (voxels above ``threshold`` plus ``margin``), so the
+    network never has to judge the air around the patient. The box starts on a whole attention cell.
+    """
+    body = volume > threshold
+    if not bool(body.any()):
+        return tuple(slice(0, size) for size in volume.shape)
+
+    region = []
+    for axis, size in enumerate(volume.shape):
+        other_axes = tuple(index for index in range(3) if index != axis)
+        present = torch.nonzero(body.any(dim=other_axes)).flatten()
+        start = max(int(present.min()) - margin, 0) // cell_voxels * cell_voxels
+        stop = min(int(present.max()) + margin + 1, size)
+        region.append(slice(start, stop))
+    return tuple(region)
+
+
+def place_region(
+    probabilities: torch.Tensor,
+    attention: torch.Tensor,
+    region: tuple[slice, slice, slice],
+    shape: tuple[int, int, int],
+    cell_voxels: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put the results of the body box back into the whole volume; outside it is background, attention 0.
+
+    Args:
+        probabilities: (1, C, x, y, z) class probabilities of the (padded) box.
+        attention: (1, 1, x/c, y/c, z/c) attention cells of the (padded) box.
+        region: the box's voxel slices in the whole volume, each starting on a whole cell.
+        shape: (X, Y, Z) of the whole volume.
+    """
+    full_probabilities = torch.zeros(1, probabilities.shape[1], *shape)
+    full_probabilities[:, 0] = 1.0
+    sizes = [part.stop - part.start for part in region]
+    full_probabilities[(slice(None), slice(None), *region)] = probabilities[:, :, : sizes[0], : sizes[1], : sizes[2]]
+
+    cells = [-(-size // cell_voxels) for size in shape]
+    full_attention = torch.zeros(1, 1, *cells)
+    cell_region = []
+    for part in region:
+        start = part.start // cell_voxels
+        cell_region.append(slice(start, start + -(-(part.stop - part.start) // cell_voxels)))
+    box_cells = [part.stop - part.start for part in cell_region]
+    full_attention[(slice(None), slice(None), *cell_region)] = attention[:, :, : box_cells[0], : box_cells[1], : box_cells[2]]
+    return full_probabilities, full_attention
 
 
 def predict_volume(
@@ -103,9 +156,9 @@ def predict_volume(
         blend: how overlapping class probabilities are weighted (``gaussian`` or ``constant``).
 
     Returns:
-        Class probabilities (1, C, X, Y, Z) and the attention (1, 1, X/c, Y/c, Z/c) on the cell grid:
-        each window's S_ATT normalised to sum 1 and placed on its cells, overlaps averaged with equal
-        weights, then scaled so that the maximum is 1.
+        Class probabilities (1, C, X, Y, Z) and the attention (1, 1, X/c, Y/c, Z/c) on the cell grid.
+        Each window's S_ATT is normalised to sum 1 and placed on its cells. Overlaps are averaged with
+        equal weights, and the result is scaled so that its maximum is 1.
     """
     cell = model.cell_voxels
     cells = [size // cell for size in volume.shape[2:]]
@@ -203,22 +256,26 @@ def run_inference(
     spacing_mm = float(preprocessing["spacing_mm"][0])
     roi_size = tuple(int(size) for size in preprocessing["crop_size"])
     overlap = float(preprocessing.get("sliding_window_overlap", 0.5))
-    stride = window_stride(roi_size, overlap, model.cell_voxels)
-    # Windows start on a world lattice of the stride, so any storage of one scan gets the same windows.
-    ras_image = resample_to_ras(reference, spacing_mm, anchor_mm=stride * spacing_mm)
+    check_window_stride(roi_size, overlap, model.cell_voxels)
+    ras_image = resample_to_ras(reference, spacing_mm)
     volume = window_hu(image_to_tensor_ijk(ras_image), tuple(preprocessing["hu_window"]))[None]
-    volume = pad_for_windows(volume, roi_size, stride)
+    region = body_region(volume[0, 0], model.cell_voxels, BODY_THRESHOLD)
+    body = volume[(slice(None), slice(None), *region)]
+    body = pad_for_windows(body, roi_size, model.cell_voxels)
     timings["preprocess"] = time.perf_counter() - stage_started
 
     stage_started = time.perf_counter()
-    probabilities, attention = predict_volume(
+    body_probabilities, body_attention = predict_volume(
         model,
-        volume.to(torch_device),
+        body.to(torch_device),
         roi_size,
         overlap,
         window_batch,
         progress,
         blend=preprocessing.get("sliding_window_blend", "gaussian"),
+    )
+    probabilities, attention = place_region(
+        body_probabilities.cpu(), body_attention.cpu(), region, tuple(volume.shape[2:]), model.cell_voxels
     )
     timings["infer"] = time.perf_counter() - stage_started
 
@@ -228,7 +285,7 @@ def run_inference(
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dagman-infer-", dir=output_dir))
     try:
-        _write_outputs(staging, reference, ras_image, probabilities.cpu(), attention.cpu(), model.cell_voxels)
+        _write_outputs(staging, reference, ras_image, probabilities, attention, model.cell_voxels)
         timings["write"] = time.perf_counter() - stage_started
         timings["total"] = time.perf_counter() - started
         result = {

@@ -30,9 +30,9 @@ def build_swin(config: ModelConfig, drop_path: float | None = None) -> SwinTrans
 class SwinBackbone(nn.Module):
     """MONAI's Swin transformer, with masking and patch dropout applied right after patch embedding.
 
-    The stage outputs follow MONAI: index 0 is the patch embedding (``embed_dim`` channels at 1/2
-    resolution for patch 2), indices 1-4 the outputs of stages 1-4 after patch merging, each with twice
-    the channels and half the resolution of the one before. At 128^3 with embed 48 that is 64^3 x 48,
+    The stage outputs follow MONAI. Index 0 is the patch embedding (``embed_dim`` channels at 1/2
+    resolution for patch 2). Indices 1-4 are the outputs of stages 1-4 after patch merging, each with
+    twice the channels and half the resolution of the one before. At 128^3 with embed 48 that is 64^3 x 48,
     32^3 x 96, 16^3 x 192, 8^3 x 384 (stage 3) and 4^3 x 768 (stage 4).
     """
 
@@ -59,7 +59,7 @@ class SwinBackbone(nn.Module):
         Args:
             images: (B, C, X, Y, Z) crops, each side divisible by 32.
             cell_mask: optional (B, n_x, n_y, n_z) bool, True where a mask cell is replaced by the mask
-                token; each cell covers a block of patch embeddings (8^3 of them for patch 2 and stage 3).
+                token. Each cell covers a block of patch embeddings (8^3 of them for patch 2 and stage 3).
             patch_drop: optional (B, X/p, Y/p, Z/p) bool, True where a patch embedding is zeroed
                 (the noisy teacher's patch dropout).
 
