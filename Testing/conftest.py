@@ -25,3 +25,39 @@ def tiny_model_bundle(tmp_path_factory) -> Path:
     from dagman_core.bundle import write_random_bundle
 
     return write_random_bundle(tmp_path_factory.mktemp("bundle") / "tiny model", preset="tiny_cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tumor_bundle(ct_data: Path, tmp_path_factory) -> Path:
+    """A tiny_cpu model fine-tuned for a few minutes on a block of lung2 around its tumor.
+
+    It segments that tumor well enough to compare results across storage variants of the scan; it is
+    not a useful model otherwise.
+    """
+    import json
+
+    import SimpleITK as sitk
+
+    from dagman_core.config import load_config
+    from dagman_train.export import export_run
+    from dagman_train.finetune import finetune_segmentation
+    from dagman_train.pretrain import pretrain
+
+    folder = tmp_path_factory.mktemp("trained")
+    for name in ("image", "label"):
+        image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / f"lung2_{name}.nrrd"))
+        sitk.WriteImage(image[LUNG2_TUMOR_BLOCK], str(folder / f"block_{name}.nrrd"))
+    datalist = folder / "datalist.json"
+    datalist.write_text(json.dumps({
+        "labels": {"1": "Lung tumor"},
+        "training": [{"image": "block_image.nrrd", "label": "block_label.nrrd"}],
+    }))
+
+    pretrain(load_config("tiny_cpu"), datalist, folder / "pretrain", max_steps=1, show_progress=False)
+    finetune_segmentation(folder / "pretrain", datalist, folder / "finetune", max_steps=TRAINED_STEPS, show_progress=False)
+    return export_run(folder / "finetune", folder / "model")
+
+
+# A 260 x 260 x 30 voxel block of lung2 (0.63 x 0.63 x 5 mm) that contains its tumor.
+LUNG2_TUMOR_BLOCK = (slice(250, 510), slice(150, 410), slice(10, 40))
+TRAINED_STEPS = 150

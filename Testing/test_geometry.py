@@ -10,13 +10,16 @@ import SimpleITK as sitk
 
 from dagman_core.data.geometry import ras_affine, ras_grid_for, resample_to_ras
 from dagman_core.data.io import same_geometry
+from dagman_core.metrics import dice
 from dagman_core.inference.pipeline import run_inference
+
+from conftest import LUNG2_TUMOR_BLOCK
 
 
 def crop_lung2(ct_data: Path) -> sitk.Image:
-    """A 260 x 260 x 30 voxel block of lung2 (0.63 x 0.63 x 5 mm) around its tumor, in HU."""
+    """The block of lung2 around its tumor, in HU."""
     image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / "lung2_image.nrrd"))
-    return image[250:510, 150:410, 10:40]
+    return image[LUNG2_TUMOR_BLOCK]
 
 
 def flipped(image: sitk.Image, axis: int) -> sitk.Image:
@@ -80,11 +83,11 @@ def test_flipped_and_permuted_map_to_same_ras_voxels(ct_data):
 
 
 @pytest.fixture(scope="module")
-def original_result(ct_data, tiny_model_bundle, tmp_path_factory):
+def original_result(ct_data, trained_tumor_bundle, tmp_path_factory):
     image = crop_lung2(ct_data)
     folder = tmp_path_factory.mktemp("geometry")
     sitk.WriteImage(image, str(folder / "original.nrrd"))
-    run_inference(tiny_model_bundle, folder / "original.nrrd", folder / "original", device="cpu")
+    run_inference(trained_tumor_bundle, folder / "original.nrrd", folder / "original", device="cpu")
     return image, folder
 
 
@@ -95,11 +98,11 @@ def _result_on(grid: sitk.Image, folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("variant", ["flip_i", "flip_k", "permute_kij"])
-def test_stored_variants_give_identical_results(original_result, tiny_model_bundle, variant):
+def test_stored_variants_give_identical_results(original_result, trained_tumor_bundle, variant):
     image, folder = original_result
     stored = {"flip_i": lambda: flipped(image, 0), "flip_k": lambda: flipped(image, 2), "permute_kij": lambda: permuted(image, (2, 0, 1))}[variant]()
     sitk.WriteImage(stored, str(folder / f"{variant}.nrrd"))
-    run_inference(tiny_model_bundle, folder / f"{variant}.nrrd", folder / variant, device="cpu")
+    run_inference(trained_tumor_bundle, folder / f"{variant}.nrrd", folder / variant, device="cpu")
 
     assert same_geometry(sitk.ReadImage(str(folder / variant / "segmentation.nrrd")), stored)
     segmentation, attention = _result_on(image, folder / variant)
@@ -108,21 +111,25 @@ def test_stored_variants_give_identical_results(original_result, tiny_model_bund
     np.testing.assert_allclose(attention, expected_attention, atol=1e-5)
 
 
-def test_oblique_storage_gives_matching_results(original_result, tiny_model_bundle):
+def test_oblique_storage_gives_matching_results(original_result, trained_tumor_bundle):
     image, folder = original_result
     stored = oblique(image, (4.0, -3.0, 8.0))
     assert not np.allclose(np.array(stored.GetDirection()).reshape(3, 3), np.eye(3))
     sitk.WriteImage(stored, str(folder / "oblique.nrrd"))
-    run_inference(tiny_model_bundle, folder / "oblique.nrrd", folder / "oblique", device="cpu")
+    run_inference(trained_tumor_bundle, folder / "oblique.nrrd", folder / "oblique", device="cpu")
 
     assert same_geometry(sitk.ReadImage(str(folder / "oblique" / "attention.nrrd")), stored)
     segmentation, attention = _result_on(image, folder / "oblique")
     expected_segmentation, expected_attention = _result_on(image, folder / "original")
 
-    # NOTE: an oblique copy is a resampled copy, so results match up to interpolation, not bit for bit.
-    # The mirrored comparison is the control: a misplaced result agrees far less.
-    agreement = np.mean(segmentation == expected_segmentation)
-    mirrored_agreement = np.mean(segmentation[:, :, ::-1] == expected_segmentation)
-    assert agreement > 0.8
-    assert agreement > mirrored_agreement + 0.1
-    assert np.abs(attention - expected_attention).mean() < 0.03
+    # NOTE: an oblique copy is a resampled copy with other cut edges, so results match up to
+    # interpolation and window placement, not bit for bit. Mirrored results are the control: a
+    # misplaced result overlaps far less. The briefly trained model's attention is nearly flat, so the
+    # attention check is loose here; the flipped and permuted copies check it exactly.
+    tumor, expected_tumor = segmentation == 1, expected_segmentation == 1
+    assert expected_tumor.sum() > 1000
+    overlap = dice(tumor, expected_tumor)
+    assert overlap > 0.5
+    for mirrored in (tumor[:, :, ::-1], tumor[:, ::-1], tumor[::-1]):
+        assert overlap > dice(mirrored, expected_tumor) + 0.25
+    assert np.abs(attention - expected_attention).mean() < 0.1

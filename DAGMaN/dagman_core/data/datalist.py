@@ -55,15 +55,27 @@ def label_names(path: str | os.PathLike) -> dict[int, str]:
     return {int(value): str(name) for value, name in (content.get("labels") or {}).items()}
 
 
-def _case_id(path: Path) -> str:
+LABEL_TAILS = ("_label", "_labels", "_seg", "_mask")
+IMAGE_TAILS = ("_image", "_ct", "_0000")
+
+
+def _strip_suffix(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    for tail in ("_image", "_label", "_ct", "_seg", "_0000"):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_label_name(path: Path) -> bool:
+    return _strip_suffix(path).lower().endswith(LABEL_TAILS)
+
+
+def _case_id(path: Path) -> str:
+    name = _strip_suffix(path)
+    for tail in LABEL_TAILS + IMAGE_TAILS:
         if name.lower().endswith(tail):
-            name = name[: -len(tail)]
+            return name[: -len(tail)]
     return name
 
 
@@ -71,20 +83,28 @@ def build_datalist(images_dir: str | os.PathLike, labels_dir: str | os.PathLike 
     """Write a datalist JSON pairing each volume in ``images_dir`` with its label in ``labels_dir``.
 
     Images and labels are paired by case id: the file name without its suffix and without a trailing
-    ``_image``, ``_label``, ``_ct``, ``_seg`` or ``_0000``. Subfolders holding DICOM series count as images.
-    Paths are written relative to the output file's folder.
+    ``_image``, ``_ct``, ``_0000``, ``_label``, ``_labels``, ``_seg`` or ``_mask``. Files whose name
+    ends in one of the label tails are never taken as images, so both may share one folder.
+    Subfolders holding DICOM series count as images. Paths are written relative to the output file's
+    folder.
     """
     images_dir, output = Path(images_dir), Path(output)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder not found: {images_dir}")
 
     images = sorted(
-        entry for entry in images_dir.iterdir() if (entry.is_file() and is_image_file(entry)) or (entry.is_dir() and any(entry.glob("*.dcm")))
+        entry
+        for entry in images_dir.iterdir()
+        if (entry.is_file() and is_image_file(entry) and not _is_label_name(entry)) or (entry.is_dir() and any(entry.glob("*.dcm")))
     )
     if labels_dir is not None:
         labels_dir = Path(labels_dir)
-        labels = {_case_id(entry): entry for entry in labels_dir.iterdir() if entry.is_file() and is_image_file(entry)}
-        images = [image for image in images if image.resolve() not in {label.resolve() for label in labels.values()}]
+        if not labels_dir.is_dir():
+            raise FileNotFoundError(f"labels folder not found: {labels_dir}")
+        candidates = [entry for entry in sorted(labels_dir.iterdir()) if entry.is_file() and is_image_file(entry)]
+        if labels_dir.resolve() == images_dir.resolve():
+            candidates = [entry for entry in candidates if _is_label_name(entry)]
+        labels = {_case_id(entry): entry for entry in candidates}
     if not images:
         raise ValueError(f"no CT volumes (NIfTI, NRRD, MHA or DICOM series folders) found in {images_dir}")
 
