@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import DAGMaNConfig, config_from_dict, load_config
+from .data.io import current_umask
 from .models.segmentation import DAGMaNSegmenter
 from .terminology import describe_label
 
@@ -78,6 +79,7 @@ def write_bundle(
         weights_path = staging / WEIGHTS_FILE
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, str(weights_path), metadata={"format": "pt"})
+        os.chmod(weights_path, 0o666 & ~current_umask())
 
         config = model.config
         description = {
@@ -98,6 +100,8 @@ def write_bundle(
         }
         (staging / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
+        # mkdtemp creates the folder readable by its owner only; a bundle is meant to be shared.
+        os.chmod(staging, 0o777 & ~current_umask())
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

@@ -12,7 +12,7 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
 from monai.transforms import Compose
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dagman_core.data.datalist import label_names, load_datalist
 from dagman_core.data.transforms import segmentation_transforms
@@ -20,7 +20,7 @@ from dagman_core.models.segmentation import DAGMaNSegmenter
 from dagman_core.schedules import cosine_schedule
 
 from .pretrain import ENCODER_FILE, parameter_groups
-from .runs import MetricsLog, atomic_write_text, progress_bar, read_run_config, seed_everything, write_config
+from .runs import MetricsLog, atomic_save_safetensors, atomic_write_text, progress_bar, read_run_config, seed_everything, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def finetune_segmentation(
         bar.close()
         metrics.close()
 
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(run_dir / MODEL_FILE))
+    atomic_save_safetensors(model.state_dict(), run_dir / MODEL_FILE)
     summary = {
         "task": "segmentation",
         "num_classes": num_classes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -11,7 +12,6 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
-from safetensors.torch import save_file
 
 from dagman_core.codistillation import CoDistillation
 from dagman_core.config import DAGMaNConfig
@@ -19,7 +19,7 @@ from dagman_core.data.datalist import load_datalist
 from dagman_core.data.transforms import pretraining_transforms
 from dagman_core.schedules import cosine_schedule, ema_momentum_schedule, teacher_temperature_schedule
 
-from .runs import MetricsLog, atomic_torch_save, atomic_write_text, progress_bar, seed_everything, write_config
+from .runs import MetricsLog, atomic_save_safetensors, atomic_torch_save, atomic_write_text, progress_bar, seed_everything, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +139,10 @@ def pretrain(
         },
         run_dir / "checkpoint.pt",
     )
-    encoder_state = {key: value.detach().cpu().contiguous() for key, value in model.teacher.encoder.state_dict().items()}
-    save_file(encoder_state, str(run_dir / ENCODER_FILE))
+    atomic_save_safetensors(model.teacher.encoder.state_dict(), run_dir / ENCODER_FILE)
 
     summary = {"steps": step, "seconds": round(time.perf_counter() - started, 2), "volumes": len(loader.dataset), "final": last}
-    atomic_write_text(run_dir / "summary.json", __import__("json").dumps(summary, indent=2) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

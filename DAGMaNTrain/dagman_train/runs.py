@@ -62,6 +62,23 @@ def atomic_torch_save(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Save tensors as safetensors through a temporary file, then rename, with the usual permissions."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, temporary)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_config(run_dir: Path, config: DAGMaNConfig) -> None:
     """Store the resolved configuration as ``config.yaml`` in the run folder."""
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
