@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_PRESET = "tiny_cpu"
 DEMO_PRETRAIN_STEPS = 60
-DEMO_FINETUNE_STEPS = 600
+DEMO_FINETUNE_STEPS = 800
 PHASES = 6
 
 
