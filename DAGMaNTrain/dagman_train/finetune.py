@@ -59,7 +59,10 @@ def finetune_segmentation(
 
     # Data: crops centred on label and background voxels in equal numbers.
     cases = load_datalist(datalist, "training", require_labels=True)
-    names = label_names(datalist) or dict(DEFAULT_LABELS)
+    names = label_names(datalist)
+    if not names:
+        names = dict(DEFAULT_LABELS)
+        logger.warning("datalist %s has no 'labels' mapping; naming label 1 %r", datalist, DEFAULT_LABELS[1])
     names = {value: name for value, name in names.items() if value != 0}
     num_classes = max(names) + 1
     deterministic, random_crops = segmentation_transforms(config, samples_per_volume=settings.batch_size)

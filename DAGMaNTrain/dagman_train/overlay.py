@@ -172,13 +172,25 @@ def _centroid(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in np.argwhere(mask).mean(axis=0))
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Return the largest 26-connected component of a boolean (z, y, x) mask."""
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+    ordered = sitk.GetArrayFromImage(sitk.RelabelComponent(components))
+    return ordered == 1
+
+
 def _pick_center(segmentation, reference, attention) -> tuple[int, int, int]:
-    """Return the (z, y, x) slice centre: segmentation centroid, else reference, else attention max."""
-    if segmentation.any():
-        return _centroid(segmentation)
+    """Return the (z, y, x) slice centre.
+
+    The reference label's largest component comes first, so the slices pass through the lesion even
+    when the segmentation has false positives elsewhere; then the segmentation's largest component,
+    then the attention maximum. A largest component, unlike the centroid of all voxels, lies on one
+    object.
+    """
     if reference is not None and reference.any():
-        logger.info("Segmentation is empty, so slices pass through the reference label centroid")
-        return _centroid(reference)
+        return _centroid(_largest_component(reference))
+    if segmentation.any():
+        return _centroid(_largest_component(segmentation))
     logger.info("No label voxels, so slices pass through the attention maximum")
     return tuple(int(v) for v in np.unravel_index(int(np.argmax(attention)), attention.shape))
 
