@@ -9,6 +9,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -27,14 +28,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync, then rename."""
+def _write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
+
+    A reader never sees a half-written file, and a failure leaves any earlier file in place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, 0o644)
@@ -43,40 +47,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return _write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(state: dict, path: str | os.PathLike) -> Path:
-    """Save a torch checkpoint through a temporary file, fsync, then rename, so it is never half-written."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Save a torch checkpoint to ``path`` atomically."""
+    return _write_atomically(path, lambda stream: torch.save(state, stream))
 
 
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Save tensors as safetensors through a temporary file, then rename, with the usual permissions."""
-    from safetensors.torch import save_file
+    """Save tensors as safetensors to ``path`` atomically."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, temporary)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    return _write_atomically(path, lambda stream: stream.write(save(tensors)))
 
 
 def write_config(run_dir: Path, config: DAGMaNConfig) -> None:
