@@ -182,10 +182,10 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _pick_center(segmentation, reference, attention) -> tuple[int, int, int]:
     """Return the (z, y, x) slice centre.
 
-    The reference label's largest component comes first, so the slices pass through the lesion even
-    when the segmentation has false positives elsewhere; then the segmentation's largest component,
-    then the attention maximum. A largest component, unlike the centroid of all voxels, lies on one
-    object.
+    The order is: the reference label's largest component, the segmentation's largest component, the
+    attention maximum. The reference comes first so that the slices pass through the lesion even when
+    the segmentation has false positives elsewhere. A largest component, unlike the centroid of all
+    voxels, lies on one object.
     """
     if reference is not None and reference.any():
         return _centroid(_largest_component(reference))
