@@ -1,9 +1,9 @@
 """Model bundles: weights without pickle (safetensors) plus ``model.json`` describing how to run them.
 
-``model.json`` carries the architecture (the full configuration), the preprocessing the network was
-trained with (orientation, spacing, HU window, crop size), the task, the labels with their
-terminology codes and the provenance (version, date, training data summary, sha256 of the weights),
-so that inference reproduces training preprocessing exactly.
+``model.json`` carries the architecture (the full configuration) and the preprocessing the network
+was trained with (orientation, spacing, HU window, crop size). It also carries the task, the labels
+with their terminology codes and the provenance (version, date, training data summary, sha256 of the
+weights). Inference therefore reproduces training preprocessing exactly.
 """
 
 from __future__ import annotations
