@@ -12,8 +12,13 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-MASKING_MODES = ("attention",)
+BACKBONES = ("swin", "vit")
+MASKING_MODES = ("attention", "random", "block", "attention_high", "attention_low")
 HINT_MODES = ("top", "sampled")
+ATTENTION_SOURCES = ("noisy_teacher", "clean_teacher", "student")
+DROPOUT_GRIDS = ("patch", "cell")
+HEAD_SHARING = ("separate", "shared")
+SA_STAGES = (1, 2, 3, 4)
 
 
 class ConfigError(ValueError):
@@ -22,8 +27,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Swin backbone and semantic-attention (SA) block sizes."""
+    """Backbone and semantic-attention (SA) block sizes.
 
+    ``backbone: swin`` uses ``embed_dim`` .. ``drop_path`` and puts the SA block after ``sa_stage``
+    (1-4; the mask grid is that stage's token grid). ``backbone: vit`` uses the ``vit_*`` sizes: the ViT
+    has its own [CLS] token, its mask grid is its patch grid, and S_ATT comes from its last block.
+    """
+
+    backbone: str = "swin"
     in_channels: int = 1
     embed_dim: int = 48
     depths: tuple[int, ...] = (2, 2, 8, 2)
@@ -35,6 +46,11 @@ class ModelConfig:
     sa_depth: int = 2
     sa_heads: int = 8
     sa_mlp_ratio: float = 4.0
+    vit_patch_size: int = 16
+    vit_depth: int = 12
+    vit_width: int = 768
+    vit_heads: int = 8
+    vit_mlp_ratio: float = 4.0
 
 
 @dataclass
@@ -48,20 +64,38 @@ class DataConfig:
 
 @dataclass
 class MaskingConfig:
-    """Attention-guided masking of the student's views and patch dropout of the teacher's views."""
+    """Masking of the student's views and patch dropout of the teacher's views.
+
+    ``mode`` picks the method: ``attention`` (DAGMaN, with ``hints``), ``random`` (SMIT), ``block``
+    (iBOT's block masking in 3D), ``attention_high`` (AttMask without hints) and ``attention_low`` (MST).
+    ``attention_source`` names the network whose S_ATT ranks the cells. ``block_min_cells`` and
+    ``block_min_aspect`` shape the blocks of ``block`` mode.
+    """
 
     mode: str = "attention"
     ratio: float = 0.7
     hint_ratio: float = 0.1
     hints: str = "top"
+    attention_source: str = "noisy_teacher"
     noisy_teacher: bool = True
     teacher_dropout_ratio: float = 0.7
+    teacher_dropout_grid: str = "patch"
+    block_min_cells: int = 4
+    block_min_aspect: float = 0.3
 
 
 @dataclass
 class LossConfig:
-    """Weights of the four co-distillation terms, DINO head sizes, temperatures and centering."""
+    """The four co-distillation terms (each can be switched off), DINO heads, temperatures and centering.
 
+    ``heads: shared`` uses one DINO head for every token of the same width: the [CLS] and patch tokens
+    on Swin, all three token kinds on ViT.
+    """
+
+    amip: bool = True
+    ampd: bool = True
+    aitd: bool = True
+    gitd: bool = True
     amip_weight: float = 1.0
     ampd_weight: float = 0.1
     aitd_weight: float = 0.1
@@ -69,6 +103,7 @@ class LossConfig:
     out_dim: int = 8192
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
+    heads: str = "separate"
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     teacher_temperature_final: float = 0.07
@@ -82,6 +117,7 @@ class TrainConfig:
 
     ``lr`` is the learning rate for a global batch of ``lr_reference_batch`` volumes, and a run scales it
     linearly with its own global batch. The MIDL 2025 DAGMaN paper used 8e-4 on 4 GPUs.
+    A step whose loss is NaN or infinite is skipped; ``max_nonfinite_steps`` of them in a row stop the run.
     """
 
     batch_size: int = 2
@@ -95,6 +131,7 @@ class TrainConfig:
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 1
     ema_momentum: float = 0.996
+    max_nonfinite_steps: int = 10
     seed: int = 0
 
 
@@ -127,23 +164,36 @@ class DAGMaNConfig:
         return _plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` for a value that no DAGMaN run can use."""
-        model, data, masking = self.model, self.data, self.masking
-        if len(model.depths) != 4 or len(model.num_heads) != 4:
-            raise ConfigError(
-                f"model.depths {list(model.depths)} and model.num_heads {list(model.num_heads)} "
-                "must each list 4 Swin stages"
-            )
-        if model.sa_stage != 3:
-            raise ConfigError(f"model.sa_stage {model.sa_stage} is not supported yet; valid choices: [3]")
-        if data.crop_size % 32 != 0:
-            raise ConfigError(f"data.crop_size {data.crop_size} must be divisible by 32 (e.g. 64, 96, 128)")
-        if self.finetune.crop_size % 32 != 0:
-            raise ConfigError(f"finetune.crop_size {self.finetune.crop_size} must be divisible by 32")
-        if masking.mode not in MASKING_MODES:
-            raise ConfigError(f"masking.mode {masking.mode!r} is invalid; valid choices: {list(MASKING_MODES)}")
-        if masking.hints not in HINT_MODES:
-            raise ConfigError(f"masking.hints {masking.hints!r} is invalid; valid choices: {list(HINT_MODES)}")
+        """Raise ``ConfigError`` for a value that no DAGMaN run can use, naming the valid choices."""
+        model, data, masking, loss = self.model, self.data, self.masking, self.loss
+        _choose("model.backbone", model.backbone, BACKBONES)
+        if model.backbone == "swin":
+            if len(model.depths) != 4 or len(model.num_heads) != 4:
+                raise ConfigError(
+                    f"model.depths {list(model.depths)} and model.num_heads {list(model.num_heads)} "
+                    "must each list 4 Swin stages"
+                )
+            _choose("model.sa_stage", model.sa_stage, SA_STAGES)
+            multiple = 32
+        else:
+            if model.vit_width % model.vit_heads:
+                raise ConfigError(f"model.vit_width {model.vit_width} must be divisible by model.vit_heads {model.vit_heads}")
+            if model.vit_depth < 1:
+                raise ConfigError(f"model.vit_depth {model.vit_depth} must be at least 1")
+            if model.vit_patch_size != 16:
+                raise ConfigError(
+                    f"model.vit_patch_size {model.vit_patch_size} is invalid; valid choices: [16] "
+                    "(the UNETR decoder upsamples the patch grid 16-fold)"
+                )
+            multiple = model.vit_patch_size
+        for key, crop in (("data.crop_size", data.crop_size), ("finetune.crop_size", self.finetune.crop_size)):
+            if crop <= 0 or crop % multiple:
+                raise ConfigError(f"{key} {crop} must be a positive multiple of {multiple} for the {model.backbone} backbone")
+
+        _choose("masking.mode", masking.mode, MASKING_MODES)
+        _choose("masking.hints", masking.hints, HINT_MODES)
+        _choose("masking.attention_source", masking.attention_source, ATTENTION_SOURCES)
+        _choose("masking.teacher_dropout_grid", masking.teacher_dropout_grid, DROPOUT_GRIDS)
         for key in ("ratio", "hint_ratio", "teacher_dropout_ratio"):
             value = getattr(masking, key)
             if not 0.0 <= value < 1.0:
@@ -152,9 +202,40 @@ class DAGMaNConfig:
             raise ConfigError(
                 f"masking.hint_ratio {masking.hint_ratio} must not exceed masking.ratio {masking.ratio}"
             )
+        if masking.block_min_cells < 1:
+            raise ConfigError(f"masking.block_min_cells {masking.block_min_cells} must be at least 1")
+        if not 0.0 < masking.block_min_aspect <= 1.0:
+            raise ConfigError(f"masking.block_min_aspect {masking.block_min_aspect} must lie in (0, 1]")
+
+        _choose("loss.heads", loss.heads, HEAD_SHARING)
+        if not any((loss.amip, loss.ampd, loss.aitd, loss.gitd)):
+            raise ConfigError("every loss term is switched off; keep at least one of loss.amip, loss.ampd, loss.aitd, loss.gitd")
+        if self.train.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps {self.train.max_nonfinite_steps} must be at least 1")
         low, high = data.hu_window
         if not low < high:
             raise ConfigError(f"data.hu_window {list(data.hu_window)} must be [lower HU, upper HU] with lower < upper")
+
+
+def cell_voxels(config: DAGMaNConfig) -> int:
+    """Return the side of one mask cell in voxels: a token of the SA stage (Swin) or a ViT patch.
+
+    16 for the paper's Swin (patch 2, stage 3) and for the paper's ViT (patch 16).
+    """
+    model = config.model
+    if model.backbone == "vit":
+        return model.vit_patch_size
+    return model.patch_size * 2**model.sa_stage
+
+
+def mask_grid_tokens(config: DAGMaNConfig) -> int:
+    """Return N, the number of mask cells of a pretraining crop (512 for 128^3 crops and 16^3 cells)."""
+    return (config.data.crop_size // cell_voxels(config)) ** 3
+
+
+def _choose(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} {value!r} is invalid; valid choices: {list(choices)}")
 
 
 def _plain(value: Any) -> Any:
@@ -199,8 +280,8 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def load_config(preset_or_path: str | os.PathLike) -> DAGMaNConfig:
-    """Load a configuration from a preset name (e.g. ``tiny_cpu``) or a YAML file path, and validate it."""
+def _read_values(preset_or_path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read the raw values of a preset or YAML file, merged over the ``base`` preset it names."""
     path = Path(preset_or_path)
     if not path.suffix and not path.exists():
         path = PRESET_DIR / f"{preset_or_path}.yaml"
@@ -210,9 +291,60 @@ def load_config(preset_or_path: str | os.PathLike) -> DAGMaNConfig:
             )
     if not path.exists():
         raise ConfigError(f"configuration file not found: {path}")
+    if str(path) in seen:
+        raise ConfigError(f"presets name each other as base in a loop: {' -> '.join([*seen, str(path)])}")
 
     with open(path, encoding="utf-8") as stream:
         values = yaml.safe_load(stream) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of configuration sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return merge_values(_read_values(base, (*seen, str(path))), values)
+
+
+def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``update`` merged in, section by section (lists are replaced whole)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into a nested mapping; the value is read as YAML (``0.6``, ``false``, ``[1, 2]``)."""
+    key, separator, raw = text.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError(f"override {text!r} must read KEY=VALUE, e.g. masking.ratio=0.6")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+    nested: dict[str, Any] = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(*sources: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> DAGMaNConfig:
+    """Load and validate a configuration.
+
+    Args:
+        sources: preset names (e.g. ``dagman_swin``) or YAML file paths, merged left to right; a later
+            one changes only the keys it names.
+        overrides: ``section.key=value`` strings applied last, e.g. ``masking.ratio=0.6``.
+    """
+    if not sources:
+        raise ConfigError(f"name a preset ({preset_names()}) or a YAML file")
+    values: dict[str, Any] = {}
+    for source in sources:
+        values = merge_values(values, _read_values(source))
+    for text in overrides:
+        values = merge_values(values, parse_override(text))
     config = _build(DAGMaNConfig, values, "")
     config.validate()
     return config
