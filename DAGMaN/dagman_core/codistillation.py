@@ -1,60 +1,116 @@
-"""One DAGMaN co-distillation step: noisy EMA teacher, attention-guided masking and the four losses."""
+"""One co-distillation step of DAGMaN or one of its baselines: teacher, masking and the four losses."""
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import DAGMaNConfig
+from .config import DAGMaNConfig, mask_grid_tokens
 from .losses import Centers, distillation_cross_entropy, masked_l1, masked_patch_mean
-from .masking import attention_guided_mask, cells_to_voxels, patch_dropout
-from .models.encoder import DAGMaNEncoder, stage_stride
+from .masking import (
+    attention_guided_mask,
+    attention_high_mask,
+    attention_low_mask,
+    block_mask,
+    cell_dropout,
+    cells_to_voxels,
+    patch_dropout,
+    random_mask,
+)
+from .models.encoder import DAGMaNEncoder
 from .models.heads import DINOHead, ReconstructionHead
+
+# The DINO head each distillation term reads, and the loss switch that needs it.
+HEAD_ROLES = {"cls": "aitd", "patch": "ampd", "global": "gitd"}
 
 
 class Student(nn.Module):
-    """Encoder with the DINO heads of AITD ([CLS]), AMPD (patch tokens), GITD (pooled stage 4) and the AMIP head."""
+    """Encoder, the DINO heads of the enabled distillation terms and, with AMIP, the reconstruction head.
+
+    AITD reads the [CLS] head, AMPD the patch head and GITD the global head. With ``loss.heads: shared``
+    tokens of one width share a head; ``head_names`` maps each role to the module in ``heads``.
+    """
 
     def __init__(self, config: DAGMaNConfig, drop_path: float | None = None):
         super().__init__()
         loss = config.loss
         self.encoder = DAGMaNEncoder(config, drop_path)
-        channels = self.encoder.backbone.stage_channels
-        sa_width = channels[config.model.sa_stage]
+        widths = {"cls": self.encoder.token_width, "patch": self.encoder.token_width, "global": self.encoder.global_width}
 
-        def head(in_dim: int) -> DINOHead:
-            return DINOHead(in_dim, loss.out_dim, loss.head_hidden_dim, loss.head_bottleneck_dim)
+        self.head_names: dict[str, str] = {}
+        self.heads = nn.ModuleDict()
+        for role, term in HEAD_ROLES.items():
+            if not getattr(loss, term):
+                continue
+            name = role
+            if loss.heads == "shared":
+                name = "shared" if widths[role] == self.encoder.token_width else f"shared_{widths[role]}"
+            if name not in self.heads:
+                self.heads[name] = DINOHead(widths[role], loss.out_dim, loss.head_hidden_dim, loss.head_bottleneck_dim)
+            self.head_names[role] = name
+        self.reconstruction_head = (
+            ReconstructionHead(self.encoder.global_width, scale=self.encoder.deep_stride) if loss.amip else None
+        )
 
-        self.cls_head = head(sa_width)
-        self.patch_head = head(sa_width)
-        self.global_head = head(channels[4])
-        self.reconstruction_head = ReconstructionHead(channels[4], scale=stage_stride(config, 4))
+    def head(self, role: str) -> DINOHead:
+        """Return the DINO head of ``role`` (``cls``, ``patch`` or ``global``)."""
+        return self.heads[self.head_names[role]]
 
     def last_layers(self) -> list[nn.Parameter]:
         """Return the last-layer weights of the DINO heads (frozen during the first epoch)."""
         return [
             parameter
-            for head in (self.cls_head, self.patch_head, self.global_head)
+            for head in self.heads.values()
             for parameter in head.last_layer.parameters()
             if parameter.requires_grad
         ]
 
 
+def parameter_counts(config: DAGMaNConfig) -> dict[str, int]:
+    """Count the parameters of the student that ``config`` builds.
+
+    ``backbone`` is the patch embedding and the Swin stages (ViT: patch embedding, position embedding,
+    [CLS], blocks and final norm), without the mask token; ``sa_block`` is the Swin's SA block (0 for
+    ViT); ``heads`` the DINO heads including their fixed weight-norm gains; ``total`` every parameter.
+    """
+    student = Student(config)
+
+    def count(parameters) -> int:
+        return sum(parameter.numel() for parameter in parameters)
+
+    encoder = student.encoder
+    return {
+        "backbone": count(encoder.backbone.backbone_parameters()),
+        "sa_block": count(encoder.sa.parameters()) if encoder.sa is not None else 0,
+        "heads": count(student.heads.parameters()),
+        "reconstruction_head": count(student.reconstruction_head.parameters()) if student.reconstruction_head else 0,
+        "total": count(student.parameters()),
+    }
+
+
 @dataclass
 class StepOutput:
-    """Losses of one step (scalars) and the masks used, for logging."""
+    """Losses of one step (scalars), the masks' statistics and the collapse watch.
+
+    ``teacher_entropy`` is the mean entropy of the teacher's centred, sharpened [CLS] distribution (the
+    first enabled head when AITD is off) and ``teacher_kl_uniform`` its KL divergence to the uniform
+    distribution, ln K - entropy. Entropy near ln K means a uniform teacher; KL near ln K a one-hot one.
+    Both are NaN when no distillation term is on.
+    """
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     masked_fraction: float
     teacher_entropy: float
+    teacher_kl_uniform: float
 
 
 class CoDistillation(nn.Module):
-    """Student, EMA teacher and centers of DAGMaN pretraining.
+    """Student, EMA teacher and centers of DAGMaN pretraining and of its baselines and ablations.
 
     The teacher starts as a copy of the student (without stochastic depth), runs in eval mode without
     gradients and is updated only by ``update_teacher``.
@@ -71,6 +127,7 @@ class CoDistillation(nn.Module):
             parameter.requires_grad = False
         self.centers = Centers(config.loss.out_dim, config.loss.center_momentum)
         self.cell_voxels = self.student.encoder.cell_voxels
+        self.num_cells = mask_grid_tokens(config)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -85,88 +142,133 @@ class CoDistillation(nn.Module):
         torch._foreach_mul_(teacher_parameters, momentum)
         torch._foreach_add_(teacher_parameters, [p.detach() for p in student_parameters], alpha=1.0 - momentum)
 
-    def _teacher_pass(self, view: torch.Tensor, generator: torch.Generator | None) -> dict:
+    def _teacher_dropout(self, view: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Draw the noisy teacher's dropout of one view, (B, X/p, Y/p, Z/p) bool, or None for a clean teacher."""
         masking = self.config.masking
-        patch_drop = None
-        if masking.noisy_teacher:
-            patch_grid = tuple(size // self.config.model.patch_size for size in view.shape[2:])
-            patch_drop = patch_dropout(view.shape[0], patch_grid, masking.teacher_dropout_ratio, view.device, generator)
-        with torch.no_grad():
-            encoded = self.teacher.encoder(view, patch_drop=patch_drop)
-            return {
-                "s_att": encoded["s_att"],
-                "cls": self.teacher.cls_head(encoded["cls"]),
-                "patch": self.teacher.patch_head(encoded["patch_tokens"]),
-                "global": self.teacher.global_head(encoded["global_tokens"]),
-            }
+        if not masking.noisy_teacher:
+            return None
+        encoder = self.teacher.encoder
+        patch_grid = tuple(size // encoder.patch_voxels for size in view.shape[2:])
+        if masking.teacher_dropout_grid == "cell":
+            cell_grid = tuple(size // self.cell_voxels for size in view.shape[2:])
+            return cell_dropout(view.shape[0], cell_grid, patch_grid, masking.teacher_dropout_ratio, view.device, generator)
+        return patch_dropout(view.shape[0], patch_grid, masking.teacher_dropout_ratio, view.device, generator)
+
+    @torch.no_grad()
+    def _teacher_pass(self, view: torch.Tensor, patch_drop: torch.Tensor | None) -> dict:
+        encoded = self.teacher.encoder(view, patch_drop=patch_drop)
+        targets = {"s_att": encoded["s_att"]}
+        for role, token_key in (("cls", "cls"), ("patch", "patch_tokens"), ("global", "global_tokens")):
+            if role in self.teacher.head_names:
+                targets[role] = self.teacher.head(role)(encoded[token_key])
+        return targets
 
     def _student_pass(self, view: torch.Tensor, cell_mask: torch.Tensor) -> dict:
-        encoded = self.student.encoder(view, cell_mask=cell_mask)
-        return {
-            "cls": self.student.cls_head(encoded["cls"]),
-            "patch": self.student.patch_head(encoded["patch_tokens"]),
-            "global": self.student.global_head(encoded["global_tokens"]),
-            "reconstruction": self.student.reconstruction_head(encoded["stages"][4]),
-        }
+        student = self.student
+        encoded = student.encoder(view, cell_mask=cell_mask)
+        outputs = {}
+        for role, token_key in (("cls", "cls"), ("patch", "patch_tokens"), ("global", "global_tokens")):
+            if role in student.head_names:
+                outputs[role] = student.head(role)(encoded[token_key])
+        if student.reconstruction_head is not None:
+            outputs["reconstruction"] = student.reconstruction_head(encoded["deep_tokens"])
+        return outputs
+
+    def _ranking_scores(self, view: torch.Tensor, teacher: dict | None, patch_drop: torch.Tensor | None) -> torch.Tensor:
+        """Return the S_ATT (B, N) that ranks the cells of one view for the attention-based modes."""
+        source = self.config.masking.attention_source
+        if source == "student":
+            return self.student.encoder.attention(view)
+        if source == "clean_teacher":
+            if teacher is not None and patch_drop is None:
+                return teacher["s_att"]
+            return self.teacher.encoder.attention(view)
+        if teacher is not None:
+            return teacher["s_att"]
+        return self.teacher.encoder.attention(view, patch_drop=patch_drop)
+
+    def make_mask(self, view: torch.Tensor, scores: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+        """Return the student's cell mask of one view, (B, n_x, n_y, n_z) bool, by ``masking.mode``."""
+        masking = self.config.masking
+        cells = tuple(size // self.cell_voxels for size in view.shape[2:])
+        batch, num_cells = view.shape[0], cells[0] * cells[1] * cells[2]
+        if masking.mode == "attention":
+            flat = attention_guided_mask(scores, masking.ratio, masking.hint_ratio, masking.hints, generator)
+        elif masking.mode == "attention_high":
+            flat = attention_high_mask(scores, masking.ratio, generator)
+        elif masking.mode == "attention_low":
+            flat = attention_low_mask(scores, masking.ratio, generator)
+        elif masking.mode == "random":
+            flat = random_mask(batch, num_cells, masking.ratio, view.device, generator)
+        else:
+            flat = block_mask(
+                batch, cells, masking.ratio, masking.block_min_cells, masking.block_min_aspect, view.device, generator
+            )
+        return flat.reshape(batch, *cells)
 
     def forward(
         self, view_u: torch.Tensor, view_v: torch.Tensor, teacher_temperature: float, generator: torch.Generator | None = None
     ) -> StepOutput:
-        """Compute the DAGMaN loss for two views of the same CTs.
+        """Compute the co-distillation loss for two views of the same CTs.
 
         Args:
             view_u, view_v: (B, 1, X, Y, Z) random crops of the same volumes, scaled to [0, 1].
             teacher_temperature: the teacher's sharpening temperature at this step.
-            generator: CPU random generator for patch dropout, tie-breaking and hints.
+            generator: CPU random generator for dropout, tie-breaking, hints and random masks.
         """
-        config = self.config
+        config, loss = self.config, self.config.loss
         views = (view_u, view_v)
-        teacher = [self._teacher_pass(view, generator) for view in views]
+        drops = [self._teacher_dropout(view, generator) for view in views]
+        distills = bool(self.teacher.head_names)
+        teacher = [self._teacher_pass(view, drop) if distills else None for view, drop in zip(views, drops)]
 
-        cells = tuple(size // self.cell_voxels for size in view_u.shape[2:])
-        masks = []
-        for output in teacher:
-            flat_mask = attention_guided_mask(
-                output["s_att"], config.masking.ratio, config.masking.hint_ratio, config.masking.hints, generator
-            )
-            masks.append(flat_mask.reshape(flat_mask.shape[0], *cells))
+        ranked = config.masking.mode.startswith("attention")
+        masks = [
+            self.make_mask(view, self._ranking_scores(view, out, drop) if ranked else None, generator)
+            for view, out, drop in zip(views, teacher, drops)
+        ]
         student = [self._student_pass(view, mask) for view, mask in zip(views, masks)]
 
-        def cross_entropy(name: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        def cross_entropy(role: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
             return distillation_cross_entropy(
-                teacher_logits,
-                student_logits,
-                getattr(self.centers, name),
-                teacher_temperature,
-                config.loss.student_temperature,
+                teacher_logits, student_logits, getattr(self.centers, role), teacher_temperature, loss.student_temperature
             )
 
         # AITD and GITD pair each student view with the teacher's other view; AMPD pairs the same view.
-        aitd = 0.5 * sum(cross_entropy("cls", teacher[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
-        gitd = 0.5 * sum(cross_entropy("global", teacher[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1))
-        ampd = 0.5 * sum(
-            masked_patch_mean(cross_entropy("patch", teacher[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
-            for i in (0, 1)
-        )
-        amip = 0.5 * sum(
-            masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], self.cell_voxels)) for i in (0, 1)
-        )
+        terms: dict[str, torch.Tensor] = {}
+        if loss.aitd:
+            terms["aitd"] = 0.5 * sum(cross_entropy("cls", teacher[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
+        if loss.ampd:
+            terms["ampd"] = 0.5 * sum(
+                masked_patch_mean(cross_entropy("patch", teacher[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
+                for i in (0, 1)
+            )
+        if loss.gitd:
+            terms["gitd"] = 0.5 * sum(
+                cross_entropy("global", teacher[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1)
+            )
+        if loss.amip:
+            terms["amip"] = 0.5 * sum(
+                masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], self.cell_voxels))
+                for i in (0, 1)
+            )
+        total = sum(getattr(loss, f"{name}_weight") * value for name, value in terms.items())
 
-        weights = config.loss
-        total = (
-            weights.amip_weight * amip + weights.ampd_weight * ampd + weights.aitd_weight * aitd + weights.gitd_weight * gitd
-        )
-
-        for name in ("cls", "patch", "global"):
-            self.centers.update(name, torch.cat([output[name].flatten(0, -2) for output in teacher]))
-
-        probabilities = torch.softmax(teacher[0]["cls"].float() / teacher_temperature, dim=-1)
-        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean()
+        entropy = float("nan")
+        if distills:
+            if torch.isfinite(total):
+                for role in self.teacher.head_names:
+                    self.centers.update(role, torch.cat([output[role].flatten(0, -2) for output in teacher]))
+            watched = next(role for role in ("cls", "global", "patch") if role in self.teacher.head_names)
+            logits = (teacher[0][watched].float() - getattr(self.centers, watched)) / teacher_temperature
+            probabilities = torch.softmax(logits, dim=-1)
+            entropy = float(-(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean())
         return StepOutput(
             total=total,
-            terms={"amip": amip.detach(), "ampd": ampd.detach(), "aitd": aitd.detach(), "gitd": gitd.detach()},
+            terms={name: value.detach() for name, value in terms.items()},
             masked_fraction=float(torch.stack(masks).float().mean()),
-            teacher_entropy=float(entropy),
+            teacher_entropy=entropy,
+            teacher_kl_uniform=math.log(loss.out_dim) - entropy,
         )
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

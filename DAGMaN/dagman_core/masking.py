@@ -1,10 +1,15 @@
-"""Attention-guided masking of the student's views and patch dropout of the noisy teacher's views."""
+"""Masking of the student's views (DAGMaN and the baselines) and dropout of the noisy teacher's views.
+
+Every mode works on the grid of mask cells (one cell per SA-stage token, N = 512 at 128^3) and returns
+a (B, N) bool mask, True for masked cells, in the (x, y, z) raster order of the SA tokens.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_cell_count(num_cells: int, ratio: float, hint_ratio: float, hints: str) -> int:
@@ -78,6 +83,98 @@ def attention_guided_mask(
     return mask
 
 
+def attention_high_mask(scores: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AttMask: mask the floor(ratio N) most attended cells (ranks 0 .. k-1), without hints."""
+    return _mask_ranks(rank_descending(scores, generator), math.floor(ratio * scores.shape[1]))
+
+
+def attention_low_mask(scores: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MST: mask the floor(ratio N) least attended cells (ranks N-k .. N-1)."""
+    return _mask_ranks(rank_descending(-scores.detach().float(), generator), math.floor(ratio * scores.shape[1]))
+
+
+def random_mask(
+    batch: int, num_cells: int, ratio: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """SMIT: mask floor(ratio N) cells of each image drawn uniformly at random."""
+    order = torch.rand(batch, num_cells, generator=generator).argsort(dim=1)
+    return _mask_ranks(order, math.floor(ratio * num_cells)).to(device)
+
+
+def _mask_ranks(order: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask the cells ``order[:, :count]`` of a (B, N) ranking."""
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    mask.scatter_(1, order[:, :count], True)
+    return mask
+
+
+def block_mask(
+    batch: int,
+    grid: tuple[int, int, int],
+    ratio: float,
+    min_cells: int = 4,
+    min_aspect: float = 0.3,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """iBOT's block masking extended to three axes: mask boxes of contiguous cells until floor(ratio N).
+
+    Each box draws a volume v uniformly from [min_cells, cells still to mask] and two aspect ratios
+    a_x = s_x / s_z and a_y = s_y / s_z log-uniformly from [min_aspect, 1 / min_aspect], so that
+    s_z = (v / (a_x a_y))^(1/3). A box is kept when it masks at least one new cell and no more than are
+    still needed. When no box fits after ``attempts`` tries, single cells next to the masked ones are
+    added, so every image gets exactly floor(ratio N) masked cells and every added cell touches a block.
+
+    Returns:
+        (B, N) bool in raster order of ``grid``.
+    """
+    num_cells = grid[0] * grid[1] * grid[2]
+    target = math.floor(ratio * num_cells)
+    log_low, log_high = math.log(min_aspect), math.log(1.0 / min_aspect)
+    masks = torch.zeros(batch, *grid, dtype=torch.bool)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    for image in range(batch):
+        mask = masks[image]
+        while int(mask.sum()) < target:
+            remaining = target - int(mask.sum())
+            placed = False
+            for _ in range(attempts):
+                volume = uniform(min(min_cells, remaining), remaining)
+                aspect_x, aspect_y = math.exp(uniform(log_low, log_high)), math.exp(uniform(log_low, log_high))
+                side_z = (volume / (aspect_x * aspect_y)) ** (1.0 / 3.0)
+                sides = [
+                    min(max(round(side), 1), size) for side, size in zip((aspect_x * side_z, aspect_y * side_z, side_z), grid)
+                ]
+                corner = [int(torch.randint(0, size - side + 1, (), generator=generator)) for side, size in zip(sides, grid)]
+                box = tuple(slice(start, start + side) for start, side in zip(corner, sides))
+                new_cells = int((~mask[box]).sum())
+                if 0 < new_cells <= remaining:
+                    mask[box] = True
+                    placed = True
+                    break
+            if not placed:
+                _grow(mask, remaining, generator)
+    return masks.flatten(1).to(device)
+
+
+def _grow(mask: torch.Tensor, count: int, generator: torch.Generator | None) -> None:
+    """Mask up to ``count`` unmasked cells that share a face with a masked one (any cell if none is masked)."""
+    if not bool(mask.any()):
+        candidates = torch.ones_like(mask)
+    else:
+        cross = torch.zeros(3, 3, 3)
+        cross[1, 1, :] = cross[1, :, 1] = cross[:, 1, 1] = 1.0
+        neighbours = F.conv3d(mask[None, None].float(), cross[None, None], padding=1)[0, 0] > 0
+        candidates = neighbours & ~mask
+    flat = candidates.flatten().nonzero().flatten()
+    chosen = flat[torch.randperm(flat.numel(), generator=generator)[:count]]
+    mask.view(-1)[chosen] = True
+
+
 def patch_dropout(
     batch: int,
     patch_grid: tuple[int, int, int],
@@ -96,6 +193,26 @@ def patch_dropout(
     drop = torch.zeros(batch, num_patches, dtype=torch.bool)
     drop.scatter_(1, order[:, :dropped], True)
     return drop.reshape(batch, *patch_grid).to(device)
+
+
+def cell_dropout(
+    batch: int,
+    cell_grid: tuple[int, int, int],
+    patch_grid: tuple[int, int, int],
+    ratio: float,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw the noisy teacher's dropout on the cell grid: floor(ratio N) whole cells of each view.
+
+    Returns:
+        (B, p_x, p_y, p_z) bool on the patch grid, True for zeroed patch embeddings.
+    """
+    cells = patch_dropout(batch, cell_grid, ratio, generator=generator)
+    factor = patch_grid[0] // cell_grid[0]
+    for axis in (1, 2, 3):
+        cells = cells.repeat_interleave(factor, dim=axis)
+    return cells.to(device)
 
 
 def cells_to_voxels(cell_mask: torch.Tensor, cell_voxels: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import DropPath
 from torch import nn
 
 
@@ -65,21 +66,37 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block: attention and MLP, each with a residual connection."""
+    """Pre-norm ViT block: attention and MLP, each with a residual connection and stochastic depth."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attention = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, tokens: torch.Tensor, return_cls_attention: bool = False):
         attended, cls_attention = self.attention(self.norm1(tokens), return_cls_attention)
-        tokens = tokens + attended
-        tokens = tokens + self.mlp(self.norm2(tokens))
+        tokens = tokens + self.drop_path(attended)
+        tokens = tokens + self.drop_path(self.mlp(self.norm2(tokens)))
         return tokens, cls_attention
+
+
+def resize_position_embedding(embedding: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Return ``embedding`` (1, D, g_x, g_y, g_z), trilinearly resized to ``grid`` when that differs."""
+    if tuple(grid) == tuple(embedding.shape[2:]):
+        return embedding
+    return F.interpolate(embedding, size=tuple(grid), mode="trilinear", align_corners=False)
+
+
+def cls_attention_to_s_att(cls_attention: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: average the [CLS] attention (B, heads, 1 + N) over heads and drop the [CLS] column.
+
+    The remaining N patch columns are not renormalised, so each row sums to at most 1.
+    """
+    return cls_attention.mean(dim=1)[:, 1:]
 
 
 class SemanticAttention(nn.Module):
@@ -104,9 +121,7 @@ class SemanticAttention(nn.Module):
 
     def position_embedding_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """Return the position embedding (1, D, g_x, g_y, g_z), trilinearly resized when ``grid`` differs."""
-        if tuple(grid) == self.grid:
-            return self.position_embedding
-        return F.interpolate(self.position_embedding, size=tuple(grid), mode="trilinear", align_corners=False)
+        return resize_position_embedding(self.position_embedding, grid)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the SA block on a stage output.
@@ -129,5 +144,4 @@ class SemanticAttention(nn.Module):
             tokens, cls_attention = block(tokens, return_cls_attention=is_last)
         tokens = self.norm(tokens)
 
-        s_att = cls_attention.mean(dim=1)[:, 1:]
-        return {"cls": tokens[:, 0], "patch_tokens": tokens[:, 1:], "s_att": s_att}
+        return {"cls": tokens[:, 0], "patch_tokens": tokens[:, 1:], "s_att": cls_attention_to_s_att(cls_attention)}

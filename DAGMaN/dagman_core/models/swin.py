@@ -27,6 +27,21 @@ def build_swin(config: ModelConfig, drop_path: float | None = None) -> SwinTrans
     )
 
 
+def apply_cell_mask(patches: torch.Tensor, cell_mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """Replace the patch embeddings of masked cells by the mask token.
+
+    Args:
+        patches: (B, D, p_x, p_y, p_z) patch embeddings.
+        cell_mask: (B, n_x, n_y, n_z) bool, True for masked cells; each cell covers (p_x / n_x)^3 patches.
+        mask_token: (1, D, 1, 1, 1) learnable embedding.
+    """
+    factor = patches.shape[-1] // cell_mask.shape[-1]
+    voxel_mask = cell_mask[:, None].to(patches.dtype)
+    for axis in (2, 3, 4):
+        voxel_mask = voxel_mask.repeat_interleave(factor, dim=axis)
+    return patches * (1.0 - voxel_mask) + mask_token.to(patches.dtype) * voxel_mask
+
+
 class SwinBackbone(nn.Module):
     """MONAI's Swin transformer, with masking and patch dropout applied right after patch embedding.
 
@@ -48,11 +63,16 @@ class SwinBackbone(nn.Module):
         """Channels of the five outputs: patch embedding, then stages 1-4."""
         return [self.config.embed_dim * 2**index for index in range(5)]
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Return the parameters counted as the backbone: the patch embedding and the four stages."""
+        return list(self.swin.parameters())
+
     def forward(
         self,
         images: torch.Tensor,
         cell_mask: torch.Tensor | None = None,
         patch_drop: torch.Tensor | None = None,
+        last_stage: int = 4,
     ) -> list[torch.Tensor]:
         """Run the Swin stages.
 
@@ -62,26 +82,24 @@ class SwinBackbone(nn.Module):
                 token. Each cell covers a block of patch embeddings (8^3 of them for patch 2 and stage 3).
             patch_drop: optional (B, X/p, Y/p, Z/p) bool, True where a patch embedding is zeroed
                 (the noisy teacher's patch dropout).
+            last_stage: stop after this stage (a ranking pass needs only the stages up to the SA block).
 
         Returns:
-            Five layer-normalised feature maps (B, C_s, X_s, Y_s, Z_s): patch embedding, stages 1-4.
+            Layer-normalised feature maps (B, C_s, X_s, Y_s, Z_s): patch embedding, then stages 1 to
+            ``last_stage`` (five maps by default).
         """
         swin = self.swin
         patches = swin.pos_drop(swin.patch_embed(images))
 
         if cell_mask is not None:
-            factor = patches.shape[-1] // cell_mask.shape[-1]
-            voxel_mask = cell_mask[:, None].float()
-            for axis in (2, 3, 4):
-                voxel_mask = voxel_mask.repeat_interleave(factor, dim=axis)
-            patches = patches * (1.0 - voxel_mask) + self.mask_token.to(patches.dtype) * voxel_mask
+            patches = apply_cell_mask(patches, cell_mask, self.mask_token)
 
         if patch_drop is not None:
             patches = patches * (~patch_drop)[:, None].to(patches.dtype)
 
         outputs = [swin.proj_out(patches, True)]
         hidden = patches
-        for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4):
+        for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4)[:last_stage]:
             hidden = layer[0](hidden.contiguous())
             outputs.append(swin.proj_out(hidden, True))
         return outputs
