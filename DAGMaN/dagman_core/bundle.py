@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import DAGMaNConfig, config_from_dict, load_config
 from .data.io import current_umask
-from .models.segmentation import DAGMaNSegmenter
+from .models.segmentation import SEGMENTERS, build_segmenter
 from .terminology import describe_label
 
 BUNDLE_FORMAT = 1
@@ -58,7 +58,7 @@ def preprocessing_of(config: DAGMaNConfig) -> dict:
 
 def write_bundle(
     output_dir: str | os.PathLike,
-    model: DAGMaNSegmenter,
+    model: torch.nn.Module,
     labels: dict[int, str],
     name: str,
     training_data: dict,
@@ -86,7 +86,7 @@ def write_bundle(
             "format_version": BUNDLE_FORMAT,
             "name": name,
             "task": "segmentation",
-            "architecture": {"type": "dagman_swin_unetr", "num_classes": model.num_classes, "config": config.to_dict()},
+            "architecture": {"type": model.architecture, "num_classes": model.num_classes, "config": config.to_dict()},
             "preprocessing": preprocessing_of(config),
             "labels": [describe_label(value, label) for value, label in sorted(labels.items()) if value != 0],
             "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(weights_path), "format": "safetensors"},
@@ -145,10 +145,14 @@ def load_bundle(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
             raise BundleError(f"checksum mismatch for {weights_path}: sha256 {actual}, model.json records {expected}")
 
     architecture = description["architecture"]
-    if architecture.get("type") != "dagman_swin_unetr":
-        raise BundleError(f"unsupported architecture {architecture.get('type')!r} in {model_dir / MODEL_JSON}")
+    segmenter = SEGMENTERS.get(architecture.get("type"))
+    if segmenter is None:
+        raise BundleError(
+            f"unsupported architecture {architecture.get('type')!r} in {model_dir / MODEL_JSON}; "
+            f"this version reads {sorted(SEGMENTERS)}"
+        )
     config = config_from_dict(architecture["config"])
-    model = DAGMaNSegmenter(config, num_classes=int(architecture["num_classes"]))
+    model = segmenter(config, num_classes=int(architecture["num_classes"]))
     model.load_state_dict(load_file(str(weights_path), device="cpu"))
     return model.to(device).eval(), description
 
@@ -157,7 +161,7 @@ def write_random_bundle(output_dir: str | os.PathLike, preset: str = "tiny_cpu",
     """Write an untrained (randomly initialised, seeded) lung-tumor bundle: a real model for self-tests."""
     config = load_config(preset)
     torch.manual_seed(seed)
-    model = DAGMaNSegmenter(config, num_classes=2)
+    model = build_segmenter(config, num_classes=2)
     return write_bundle(
         output_dir,
         model,

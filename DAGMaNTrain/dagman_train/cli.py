@@ -1,4 +1,4 @@
-"""The ``dagman`` command line: pretrain, fine-tune, export, infer, build datalists and run the demo."""
+"""The ``dagman`` command line: configurations, pretraining, fine-tuning, export, inference, datalists and the demo."""
 
 from __future__ import annotations
 
@@ -10,12 +10,34 @@ import sys
 logger = logging.getLogger("dagman")
 
 
+def _config(arguments: argparse.Namespace) -> int:
+    from dagman_core.config import load_config, mask_grid_tokens, preset_names
+
+    if arguments.list:
+        print("\n".join(preset_names()))
+        return 0
+    if not arguments.sources:
+        raise ValueError(f"name a preset or a YAML file; presets: {', '.join(preset_names())}")
+    config = load_config(*arguments.sources, overrides=arguments.overrides)
+    if not arguments.json:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from dagman_core.codistillation import parameter_counts
+
+    report = {"config": config.to_dict(), "parameters": parameter_counts(config), "mask_grid_tokens": mask_grid_tokens(config)}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _pretrain(arguments: argparse.Namespace) -> int:
     from dagman_core.config import load_config
 
     from .pretrain import pretrain
 
-    config = load_config(arguments.config)
+    config = load_config(*arguments.config, overrides=arguments.overrides)
     summary = pretrain(config, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
     print(f"pretrained {summary['steps']} steps in {summary['seconds']} s; run folder: {arguments.output}")
     return 0
@@ -53,6 +75,9 @@ def _demo(arguments: argparse.Namespace) -> int:
     return 0
 
 
+SET_HELP = "change one option after the presets, e.g. --set masking.ratio=0.6 (repeatable)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``dagman`` with one subcommand per task."""
     from dagman_core.inference.cli import add_arguments as add_infer_arguments
@@ -61,8 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pretrain = commands.add_parser("pretrain", help="pretrain a DAGMaN encoder on unlabeled CT")
-    pretrain.add_argument("--config", required=True, help="preset name (tiny_cpu, paper_swin) or a YAML file")
+    config = commands.add_parser("config", help="print the resolved configuration of a preset, its sizes and parameter counts")
+    config.add_argument("sources", nargs="*", metavar="PRESET_OR_YAML", help="presets or YAML files, merged left to right")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    config.add_argument("--json", action="store_true", help="print JSON with 'parameters' and 'mask_grid_tokens' added")
+    config.add_argument("--list", action="store_true", help="list the shipped presets")
+    config.set_defaults(handler=_config)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a DAGMaN encoder (or a baseline) on unlabeled CT")
+    pretrain.add_argument(
+        "--config", required=True, nargs="+", metavar="PRESET_OR_YAML",
+        help="preset names (dagman_swin, smit, tiny_cpu, ...; see 'dagman config --list') or YAML files, merged left to right",
+    )
+    pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     pretrain.add_argument("--datalist", required=True, help="datalist JSON whose 'training' list names the CT volumes")
     pretrain.add_argument("--output", required=True, help="run folder to write")
     pretrain.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the schedules then span N steps)")

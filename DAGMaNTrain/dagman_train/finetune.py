@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning: the pretrained DAGMaN encoder plus a SwinUNETR decoder, all layers trained."""
+"""Segmentation fine-tuning: the pretrained DAGMaN encoder plus a U-Net decoder, all layers trained."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dagman_core.data.datalist import label_names, load_datalist
 from dagman_core.data.transforms import segmentation_transforms
-from dagman_core.models.segmentation import DAGMaNSegmenter
+from dagman_core.models.segmentation import build_segmenter
 from dagman_core.schedules import cosine_schedule
 
 from .pretrain import ENCODER_FILE, parameter_groups
@@ -72,7 +72,7 @@ def finetune_segmentation(
     loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(config.train.seed))
 
     # Model: encoder and SA block from pretraining, decoder from scratch.
-    model = DAGMaNSegmenter(config, num_classes=num_classes, drop_path=0.1)
+    model = build_segmenter(config, num_classes=num_classes, drop_path=0.1)
     model.load_pretrained_encoder(load_file(str(encoder_path)))
     # Channels-last 3D convolutions run about a third faster on CPU (oneDNN) and on recent GPUs.
     model.to(torch_device, memory_format=torch.channels_last_3d).train()
@@ -141,13 +141,13 @@ def _check_label_values(dataset: CacheDataset, num_classes: int) -> None:
             )
 
 
-def load_finetuned(run_dir: str | Path, device: str = "cpu") -> tuple[DAGMaNSegmenter, dict]:
+def load_finetuned(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Load the segmenter of a fine-tuning run folder; return ``(model, finetune.json content)``."""
     run_dir = Path(run_dir)
     info_path = run_dir / RUN_INFO
     if not info_path.exists():
         raise FileNotFoundError(f"not a fine-tuning run folder: {info_path} is missing (run 'dagman finetune' first)")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    model = DAGMaNSegmenter(read_run_config(run_dir), num_classes=int(info["num_classes"]))
+    model = build_segmenter(read_run_config(run_dir), num_classes=int(info["num_classes"]))
     model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
     return model.to(device).eval(), info

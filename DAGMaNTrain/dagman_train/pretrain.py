@@ -107,6 +107,7 @@ def pretrain(
     frozen_last_layer_steps = train.freeze_last_layer_epochs * steps_per_epoch
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    watch = CollapseWatch(config)
     bar = progress_bar(total_steps, "pretrain", show_progress)
     started = time.perf_counter()
     step, last = 0, {}
@@ -120,6 +121,7 @@ def pretrain(
                     lr_schedule, wd_schedule, momentum_schedule, temperature_schedule, frozen_last_layer_steps, train.clip_grad,
                 )
                 last["epoch"] = step // steps_per_epoch
+                watch.observe(last)
                 metrics.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}")
                 bar.update(1)
@@ -141,13 +143,75 @@ def pretrain(
     )
     atomic_save_safetensors(model.teacher.encoder.state_dict(), run_dir / ENCODER_FILE)
 
-    summary = {"steps": step, "seconds": round(time.perf_counter() - started, 2), "volumes": len(loader.dataset), "final": last}
+    summary = {
+        "steps": step,
+        "seconds": round(time.perf_counter() - started, 2),
+        "volumes": len(loader.dataset),
+        "skipped_nonfinite_steps": watch.skipped,
+        "final": last,
+    }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Too many steps in a row had a NaN or infinite loss."""
+
+
+class CollapseWatch:
+    """Count skipped non-finite steps and warn when the teacher's output looks collapsed.
+
+    A run stops with ``NonFiniteLossError`` after ``train.max_nonfinite_steps`` skipped steps in a row.
+    A teacher whose entropy stays within 1 % of ln K (uniform) or below 1 % of ln K (one-hot) for
+    ``patience`` steps is reported once as a warning: both are the known collapse modes of DINO-style
+    self-distillation.
+    """
+
+    def __init__(self, config: DAGMaNConfig, patience: int = 50):
+        self.limit = config.train.max_nonfinite_steps
+        self.log_k = math.log(config.loss.out_dim)
+        self.patience = patience
+        self.in_a_row = 0
+        self.skipped = 0
+        self.flat_steps = 0
+        self.warned = False
+
+    def observe(self, record: dict) -> None:
+        """Account for one step's metrics record (as written to ``metrics.jsonl``)."""
+        if record.get("skipped"):
+            self.in_a_row += 1
+            self.skipped += 1
+            logger.warning("step %d: loss is %s; step skipped (%d in a row)", record["step"], record["loss"], self.in_a_row)
+            if self.in_a_row >= self.limit:
+                raise NonFiniteLossError(
+                    f"{self.in_a_row} steps in a row had a non-finite loss (last at step {record['step']}); "
+                    "lower train.lr, raise train.clip_grad or check the input volumes for NaN values "
+                    "(train.max_nonfinite_steps sets how many are tolerated)"
+                )
+            return
+        self.in_a_row = 0
+
+        entropy = record.get("teacher_entropy")
+        if entropy is None or not math.isfinite(entropy):
+            return
+        flat = entropy > 0.99 * self.log_k or entropy < 0.01 * self.log_k
+        self.flat_steps = self.flat_steps + 1 if flat else 0
+        if self.flat_steps >= self.patience and not self.warned:
+            self.warned = True
+            kind = "uniform" if entropy > 0.5 * self.log_k else "one-hot"
+            logger.warning(
+                "the teacher's output has been %s for %d steps (entropy %.4f, ln K %.4f): the run may have collapsed",
+                kind, self.flat_steps, entropy, self.log_k,
+            )
+
+
 def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, wd_schedule, momentum_schedule,
                 temperature_schedule, frozen_last_layer_steps, clip_grad) -> dict:
+    """Run one optimiser step and EMA update; a non-finite loss leaves every weight and center unchanged.
+
+    Returns:
+        The step's metrics record; ``skipped`` is true when the loss was NaN or infinite.
+    """
     for group in optimizer.param_groups:
         group["lr"] = float(lr_schedule[step])
         if not group.get("no_decay"):
@@ -157,8 +221,23 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
     view_v = batch["view_v"].as_tensor().to(device)
     output = model(view_u, view_v, float(temperature_schedule[step]), generator)
     loss = output.total
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the input volumes")
+    record = {
+        "step": step,
+        "loss": round(loss.item(), 6),
+        **{name: round(value.item(), 6) for name, value in output.terms.items()},
+        "lr": float(lr_schedule[step]),
+        "weight_decay": float(wd_schedule[step]),
+        "ema_momentum": float(momentum_schedule[step]),
+        "teacher_temperature": float(temperature_schedule[step]),
+        "teacher_entropy": round(output.teacher_entropy, 6),
+        "teacher_kl_uniform": round(output.teacher_kl_uniform, 6),
+        "masked_fraction": round(output.masked_fraction, 6),
+        "log_k": float(np.log(model.config.loss.out_dim)),
+        "skipped": not math.isfinite(loss.item()),
+    }
+    if record["skipped"]:
+        optimizer.zero_grad(set_to_none=True)
+        return record
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -168,16 +247,4 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
             parameter.grad = None
     optimizer.step()
     model.update_teacher(float(momentum_schedule[step]))
-
-    return {
-        "step": step,
-        "loss": round(loss.item(), 6),
-        **{name: round(value.item(), 6) for name, value in output.terms.items()},
-        "lr": float(lr_schedule[step]),
-        "weight_decay": float(wd_schedule[step]),
-        "ema_momentum": float(momentum_schedule[step]),
-        "teacher_temperature": float(temperature_schedule[step]),
-        "teacher_entropy": round(output.teacher_entropy, 6),
-        "masked_fraction": round(output.masked_fraction, 6),
-        "log_k": float(np.log(model.config.loss.out_dim)),
-    }
+    return record

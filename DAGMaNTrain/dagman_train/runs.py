@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -82,14 +83,18 @@ def read_run_config(run_dir: str | os.PathLike) -> DAGMaNConfig:
 
 
 class MetricsLog:
-    """Append one JSON line per step to ``metrics.jsonl`` in the run folder."""
+    """Append one JSON line per step to ``metrics.jsonl`` in the run folder.
+
+    NaN and infinite values are written as ``null``, so that every line is standard JSON.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.stream = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.stream.write(json.dumps(record) + "\n")
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
+        self.stream.write(json.dumps(finite) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
