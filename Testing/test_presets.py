@@ -1,0 +1,220 @@
+"""Presets, overrides and ``dagman config``: every method, baseline and ablation from one configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from dagman_core.config import ConfigError, load_config, mask_grid_tokens, preset_names
+
+from conftest import LUNG2_TUMOR_BLOCK
+
+PRESETS = [
+    "attmask", "dagman_swin", "dagman_vit", "ibot", "mst", "no_aitd", "no_amip", "no_ampd", "no_gitd",
+    "nt_only", "paper_swin", "sa_only", "smit", "tiny_cpu",
+]
+
+# Shrinks any preset to CPU test size while keeping its method switches.
+TINY = [
+    "model.embed_dim=12", "model.depths=[1, 1, 2, 1]", "model.num_heads=[1, 2, 4, 8]", "model.sa_heads=4",
+    "model.vit_width=48", "model.vit_depth=4", "model.vit_heads=4",
+    "data.crop_size=64", "finetune.crop_size=64",
+    "loss.out_dim=256", "loss.head_hidden_dim=64", "loss.head_bottleneck_dim=32",
+    "train.batch_size=1", "train.lr_reference_batch=1",
+]
+
+
+def dagman(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dagman_train.cli", *arguments], capture_output=True, text=True, timeout=600)
+
+
+def test_shipped_presets_are_the_documented_ones():
+    assert preset_names() == PRESETS
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_resolves(preset):
+    config = load_config(preset)
+
+    assert config.name == preset
+    assert mask_grid_tokens(config) == (512 if preset != "tiny_cpu" else 64)
+
+
+def test_each_baseline_differs_from_dagman_by_its_switches_only():
+    reference = load_config("dagman_swin").to_dict()
+    expected = {
+        "smit": {("masking", "mode"): "random", ("masking", "noisy_teacher"): False},
+        "ibot": {("masking", "mode"): "block", ("masking", "noisy_teacher"): False},
+        "attmask": {("masking", "mode"): "attention_high", ("masking", "noisy_teacher"): False},
+        "mst": {("masking", "mode"): "attention_low", ("masking", "noisy_teacher"): False},
+        "sa_only": {("masking", "noisy_teacher"): False},
+        "nt_only": {("masking", "mode"): "random"},
+        "no_amip": {("loss", "amip"): False},
+        "no_ampd": {("loss", "ampd"): False},
+        "no_aitd": {("loss", "aitd"): False},
+        "no_gitd": {("loss", "gitd"): False},
+        "dagman_vit": {("model", "backbone"): "vit"},
+        "paper_swin": {},
+    }
+    for preset, switches in expected.items():
+        values = load_config(preset).to_dict()
+        differences = {
+            (section, key): value
+            for section, items in values.items() if isinstance(items, dict)
+            for key, value in items.items() if reference[section][key] != value
+        }
+        assert differences == switches, preset
+
+
+def test_override_and_second_yaml_change_single_keys(tmp_path):
+    extra = tmp_path / "ratio.yaml"
+    extra.write_text("masking:\n  ratio: 0.5\n  hints: sampled\n")
+
+    config = load_config("dagman_swin", extra, overrides=["masking.ratio=0.6", "loss.heads=shared"])
+
+    assert (config.masking.ratio, config.masking.hints, config.loss.heads) == (0.6, "sampled", "shared")
+    assert config.masking.mode == "attention" and config.model.depths == (2, 2, 8, 2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("masking.mode=blocks", "valid choices: ['attention', 'random', 'block', 'attention_high', 'attention_low']"),
+        ("masking.attention_source=ema", "valid choices: ['noisy_teacher', 'clean_teacher', 'student']"),
+        ("masking.teacher_dropout_grid=voxel", "valid choices: ['patch', 'cell']"),
+        ("model.sa_stage=5", "valid choices: [1, 2, 3, 4]"),
+        ("loss.heads=tied", "valid choices: ['separate', 'shared']"),
+        ("masking.ratio=1.2", "must lie in [0, 1)"),
+        ("masking.maskratio=0.5", "valid keys:"),
+        ("masking.noisy_teacher=maybe", "must be of type bool"),
+    ],
+)
+def test_invalid_override_is_rejected_with_valid_choices(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("dagman_swin", overrides=[override])
+
+    assert message in str(error.value)
+
+
+def test_all_loss_terms_off_is_rejected():
+    with pytest.raises(ConfigError, match="keep at least one"):
+        load_config("tiny_cpu", overrides=[f"loss.{term}=false" for term in ("amip", "ampd", "aitd", "gitd")])
+
+
+def test_config_json_reports_paper_swin_sizes():
+    process = dagman("config", "paper_swin", "--json")
+
+    assert process.returncode == 0, process.stderr
+    report = json.loads(process.stdout)
+    assert report["parameters"]["backbone"] == 10_571_872
+    assert report["mask_grid_tokens"] == 512
+    parts = report["parameters"]
+    assert parts["total"] > parts["backbone"] + parts["sa_block"] + parts["heads"] + parts["reconstruction_head"]
+
+
+def test_config_json_counts_the_vit_by_hand():
+    report = json.loads(dagman("config", "dagman_vit", "--json").stdout)
+
+    # Patch embedding 16^3 x 768 + 768, position embedding 512 x 768, [CLS] 768, final norm 2 x 768.
+    # Each block: qkv 768 x 2304 + 2304, projection 768^2 + 768, MLP 768 x 3072 + 3072 + 3072 x 768 + 768,
+    # two norms 4 x 768: 7,087,872.
+    per_block = 768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 4 * 768
+    expected = 16**3 * 768 + 768 + 512 * 768 + 768 + 2 * 768 + 12 * per_block
+    assert report["parameters"]["backbone"] == expected == 88_596_480
+    assert report["parameters"]["sa_block"] == 0
+    assert report["mask_grid_tokens"] == 512
+
+
+def test_config_rejects_unknown_preset_with_the_list():
+    process = dagman("config", "dagman_swim")
+
+    assert process.returncode == 1
+    assert "unknown preset 'dagman_swim'" in process.stderr and "dagman_swin" in process.stderr
+
+
+def test_shared_heads_have_fewer_parameters():
+    from dagman_core.codistillation import parameter_counts
+
+    separate = parameter_counts(load_config("tiny_cpu"))
+    shared = parameter_counts(load_config("tiny_cpu", overrides=["loss.heads=shared"]))
+    no_aitd = parameter_counts(load_config("tiny_cpu", overrides=["loss.aitd=false"]))
+
+    # Swin: [CLS] and patch tokens share one head and the wider stage-4 global tokens keep their own,
+    # which leaves the same two heads as dropping the [CLS] head.
+    assert shared["heads"] == no_aitd["heads"] < separate["heads"]
+    assert shared["backbone"] == separate["backbone"]
+
+
+@pytest.fixture(scope="module")
+def block_datalist(ct_data: Path, tmp_path_factory) -> Path:
+    """A datalist of one real CT block (lung2 around its tumor), small enough for two quick steps."""
+    folder = tmp_path_factory.mktemp("presets")
+    image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / "lung2_image.nrrd"))
+    sitk.WriteImage(image[LUNG2_TUMOR_BLOCK], str(folder / "block.nrrd"))
+    datalist = folder / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": "block.nrrd"}]}))
+    return datalist
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_two_pretraining_steps_of_every_preset(preset, block_datalist: Path, tmp_path: Path):
+    from dagman_train.pretrain import pretrain
+
+    config = load_config(preset, overrides=TINY)
+    summary = pretrain(config, block_datalist, tmp_path / preset, max_steps=2, show_progress=False)
+
+    records = [json.loads(line) for line in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and len(records) == 2
+    enabled = {term for term in ("amip", "ampd", "aitd", "gitd") if getattr(config.loss, term)}
+    assert enabled <= set(records[-1]) and not ({"amip", "ampd", "aitd", "gitd"} - enabled) & set(records[-1])
+    assert all(record["skipped"] is False for record in records)
+    assert (tmp_path / preset / "encoder.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["masking.attention_source=clean_teacher"],
+        ["masking.attention_source=student"],
+        ["masking.teacher_dropout_grid=cell"],
+        ["masking.hints=sampled"],
+        ["loss.heads=shared"],
+        ["model.sa_stage=1"],
+        ["model.sa_stage=2"],
+        ["model.sa_stage=4"],
+        ["model.backbone=vit", "loss.heads=shared", "masking.attention_source=student"],
+    ],
+    ids=lambda overrides: ",".join(overrides),
+)
+def test_two_pretraining_steps_with_each_option(overrides, block_datalist: Path, tmp_path: Path):
+    from dagman_train.pretrain import pretrain
+
+    config = load_config("tiny_cpu", overrides=[*TINY, *overrides])
+    summary = pretrain(config, block_datalist, tmp_path / "run", max_steps=2, show_progress=False)
+
+    assert summary["steps"] == 2 and summary["skipped_nonfinite_steps"] == 0
+    assert 0.0 < summary["final"]["masked_fraction"] < 1.0
+
+
+@pytest.mark.parametrize("stage, cells, width", [(1, 16, 24), (2, 8, 48), (3, 4, 96), (4, 2, 192)])
+def test_sa_stage_sets_token_grid_and_width(stage, cells, width):
+    import torch
+
+    from dagman_core.config import cell_voxels
+    from dagman_core.models.encoder import DAGMaNEncoder
+
+    config = load_config("tiny_cpu", overrides=[f"model.sa_stage={stage}"])
+    encoder = DAGMaNEncoder(config).eval()
+    with torch.no_grad():
+        encoded = encoder(torch.rand(1, 1, 64, 64, 64))
+
+    # tiny_cpu: patch 2, embed 12, so stage s has tokens of 2 * 2^s voxels and 12 * 2^s channels.
+    assert cell_voxels(config) == 64 // cells
+    assert encoded["patch_tokens"].shape == (1, cells**3, width)
+    assert encoded["s_att"].shape == (1, cells**3)
+    assert mask_grid_tokens(config) == cells**3
