@@ -73,9 +73,10 @@ class Student(nn.Module):
 def parameter_counts(config: DAGMaNConfig) -> dict[str, int]:
     """Count the parameters of the student that ``config`` builds.
 
-    ``backbone`` is the patch embedding and the Swin stages (ViT: patch embedding, position embedding,
-    [CLS], blocks and final norm), without the mask token; ``sa_block`` is the Swin's SA block (0 for
-    ViT); ``heads`` the DINO heads including their fixed weight-norm gains; ``total`` every parameter.
+    ``backbone`` counts the patch embedding and the Swin stages, without the mask token. For ViT it
+    counts the patch embedding, position embedding, [CLS], blocks and final norm. ``sa_block`` is the
+    Swin's SA block (0 for ViT). ``heads`` counts the DINO heads with their fixed weight-norm gains, and
+    ``total`` every parameter of the student.
     """
     student = Student(config)
 

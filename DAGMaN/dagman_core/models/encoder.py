@@ -19,9 +19,9 @@ def stage_stride(config: DAGMaNConfig, stage: int) -> int:
 class DAGMaNEncoder(nn.Module):
     """The part of the model shared by pretraining, fine-tuning and inference.
 
-    Swin: the backbone's stage outputs feed the SA block at ``model.sa_stage``; its [CLS] and patch tokens
-    feed AITD and AMPD, the pooled stage-4 tokens GITD and the stage-4 map AMIP. ViT: the last block's
-    [CLS], patch tokens, their mean and their map play the same four parts.
+    On Swin, the stage output at ``model.sa_stage`` feeds the SA block. Its [CLS] and patch tokens feed
+    AITD and AMPD, the pooled stage-4 tokens feed GITD and the stage-4 map feeds AMIP. On ViT, the last
+    block's [CLS], its patch tokens, their mean and their map play the same four parts.
 
     Args:
         config: the run's configuration.
