@@ -124,12 +124,19 @@ def test_oblique_storage_gives_matching_results(original_result, trained_tumor_b
 
     # NOTE: an oblique copy is a resampled copy with other cut edges, so results match up to
     # interpolation and window placement, not bit for bit. Mirrored results are the control: a
-    # misplaced result overlaps far less. The briefly trained model's attention is nearly flat, so the
-    # attention check is loose here; the flipped and permuted copies check it exactly.
+    # misplaced result overlaps far less. The briefly trained model's attention is nearly flat and its
+    # scale follows the maximum over the scan, which the cut edges change. So only its pattern is
+    # compared (correlation, 0.31 against at most 0.15 mirrored when measured); the flipped and permuted
+    # copies check the attention exactly.
     tumor, expected_tumor = segmentation == 1, expected_segmentation == 1
     assert expected_tumor.sum() > 1000
     overlap = dice(tumor, expected_tumor)
     assert overlap > 0.5
     for mirrored in (tumor[:, :, ::-1], tumor[:, ::-1], tumor[::-1]):
         assert overlap > dice(mirrored, expected_tumor) + 0.25
-    assert np.abs(attention - expected_attention).mean() < 0.1
+    def correlation(first: np.ndarray, second: np.ndarray) -> float:
+        return float(np.corrcoef(first.ravel(), second.ravel())[0, 1])
+
+    matching = correlation(attention, expected_attention)
+    for mirrored in (attention[:, :, ::-1], attention[:, ::-1], attention[::-1]):
+        assert matching > correlation(mirrored, expected_attention) + 0.1
