@@ -82,6 +82,16 @@ def test_overrides_change_single_keys(tmp_path):
     assert config.model.depths == (2, 2, 8, 2)
 
 
+def test_later_preset_adds_only_its_own_keys():
+    config = load_config("smit", "tiny_cpu")
+
+    assert config.masking.mode == "random"
+    assert config.masking.noisy_teacher is False
+    assert config.model.embed_dim == 12
+    assert config.data.crop_size == 64
+    assert config.name == "smit+tiny_cpu"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -280,8 +280,12 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def _read_values(preset_or_path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read the raw values of a preset or YAML file, merged over the ``base`` preset it names."""
+def _read_values(preset_or_path: str | os.PathLike, with_base: bool = True, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read the raw values of a preset or YAML file.
+
+    With ``with_base`` the file's values are merged over those of the ``base`` preset it names;
+    without, only the keys written in the file itself are returned.
+    """
     path = Path(preset_or_path)
     if not path.suffix and not path.exists():
         path = PRESET_DIR / f"{preset_or_path}.yaml"
@@ -299,9 +303,9 @@ def _read_values(preset_or_path: str | os.PathLike, seen: tuple[str, ...] = ()) 
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of configuration sections")
     base = values.pop("base", None)
-    if base is None:
+    if base is None or not with_base:
         return values
-    return merge_values(_read_values(base, (*seen, str(path))), values)
+    return merge_values(_read_values(base, True, (*seen, str(path))), values)
 
 
 def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -333,16 +337,25 @@ def parse_override(text: str) -> dict[str, Any]:
 def load_config(*sources: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> DAGMaNConfig:
     """Load and validate a configuration.
 
+    The first source is read whole, including the preset it names as ``base``. Each later source
+    changes only the keys written in its own file, so ``smit tiny_cpu`` is SMIT at tiny_cpu's sizes.
+    With several sources the run is named after all of them (``smit+tiny_cpu``, each file by its
+    ``name`` key or else its file name); ``--set name=...`` chooses another.
+
     Args:
-        sources: preset names (e.g. ``dagman_swin``) or YAML file paths, merged left to right; a later
-            one changes only the keys it names.
+        sources: preset names (e.g. ``dagman_swin``) or YAML file paths, merged left to right.
         overrides: ``section.key=value`` strings applied last, e.g. ``masking.ratio=0.6``.
     """
     if not sources:
         raise ConfigError(f"name a preset ({preset_names()}) or a YAML file")
-    values: dict[str, Any] = {}
-    for source in sources:
-        values = merge_values(values, _read_values(source))
+    values = _read_values(sources[0])
+    names = [str(values.get("name", Path(sources[0]).stem))]
+    for source in sources[1:]:
+        update = _read_values(source, with_base=False)
+        names.append(str(update.get("name", Path(source).stem)))
+        values = merge_values(values, update)
+    if len(sources) > 1:
+        values["name"] = "+".join(names)
     for text in overrides:
         values = merge_values(values, parse_override(text))
     config = _build(DAGMaNConfig, values, "")
