@@ -234,3 +234,69 @@ def test_sa_stage_sets_token_grid_and_width(stage, cells, width):
     assert encoded["patch_tokens"].shape == (1, cells**3, width)
     assert encoded["s_att"].shape == (1, cells**3)
     assert mask_grid_tokens(config) == cells**3
+
+
+def test_nonfinite_run_stops_with_summary(block_datalist: Path, tmp_path: Path):
+    from dagman_train.pretrain import NonFiniteLossError, pretrain
+
+    # A learning rate of 1e30 turns the weights to inf after the first step, so every later loss is NaN.
+    config = load_config("tiny_cpu", overrides=[*TINY, "train.lr=1e30", "train.warmup_epochs=0", "train.max_nonfinite_steps=2"])
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        pretrain(config, block_datalist, tmp_path / "run", max_steps=6, show_progress=False)
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["skipped"] for record in records] == [False, True, True]
+    assert records[-1]["loss"] is None
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_nonfinite_steps"] == 2
+    assert "2 steps in a row" in summary["stopped"]
+    assert not (tmp_path / "run" / "encoder.safetensors").exists()
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path: Path):
+    from dagman_train.pretrain import pretrain
+
+    with pytest.raises(FileNotFoundError, match="datalist not found"):
+        pretrain(load_config("tiny_cpu"), tmp_path / "missing.json", tmp_path / "run", max_steps=1, show_progress=False)
+
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.hu_window=[x, 1]", "data.hu_window item must be a number, got 'x'"),
+        ("model.depths=[a, b, c, d]", "model.depths item must be of type int"),
+        ("loss.out_dim=0", "loss.out_dim 0 must be positive"),
+        ("train.batch_size=true", "train.batch_size must be a number, got True"),
+        ("train.epochs=-5", "train.epochs -5 must be positive"),
+    ],
+)
+def test_nonsense_values_are_rejected(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny_cpu", overrides=[override])
+
+    assert message in str(error.value)
+
+
+def test_exponent_without_dot_reads_as_float(tmp_path: Path):
+    extra = tmp_path / "lr.yaml"
+    extra.write_text("train:\n  lr: 3e-4\n")
+
+    assert load_config("tiny_cpu", extra).train.lr == 3e-4
+    assert load_config("tiny_cpu", overrides=["train.lr=1e-4"]).train.lr == 1e-4
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("masking: [\n")
+
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config("tiny_cpu", broken)
+
+
+def test_folder_named_like_preset_is_ignored(tmp_path: Path, monkeypatch):
+    (tmp_path / "tiny_cpu").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    assert load_config("tiny_cpu").name == "tiny_cpu"

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
@@ -167,6 +167,7 @@ class DAGMaNConfig:
         """Raise ``ConfigError`` for a value that no DAGMaN run can use, naming the valid choices."""
         model, data, masking, loss = self.model, self.data, self.masking, self.loss
         _choose("model.backbone", model.backbone, BACKBONES)
+        _check_positive(self)
         if model.backbone == "swin":
             if len(model.depths) != 4 or len(model.num_heads) != 4:
                 raise ConfigError(
@@ -217,6 +218,28 @@ class DAGMaNConfig:
             raise ConfigError(f"data.hu_window {list(data.hu_window)} must be [lower HU, upper HU] with lower < upper")
 
 
+POSITIVE_KEYS = {
+    "model": ("in_channels", "embed_dim", "depths", "num_heads", "window_size", "patch_size", "sa_depth", "sa_heads",
+              "sa_mlp_ratio", "vit_width", "vit_heads", "vit_mlp_ratio"),
+    "data": ("spacing_mm",),
+    "loss": ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "student_temperature", "teacher_temperature",
+             "teacher_temperature_final"),
+    "train": ("batch_size", "epochs", "lr", "lr_reference_batch"),
+    "finetune": ("batch_size", "lr", "steps"),
+}
+
+
+def _check_positive(config: DAGMaNConfig) -> None:
+    """Raise ``ConfigError`` for a size, count, rate or temperature that is zero or negative."""
+    for section, keys in POSITIVE_KEYS.items():
+        for key in keys:
+            value = getattr(getattr(config, section), key)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(item <= 0 for item in values):
+                raise ConfigError(f"{section}.{key} {list(values) if isinstance(value, tuple) else value} must be positive")
+
+
+
 def cell_voxels(config: DAGMaNConfig) -> int:
     """Return the side of one mask cell in voxels: a token of the SA stage (Swin) or a ViT patch.
 
@@ -265,13 +288,31 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         elif getattr(hint, "__origin__", None) is tuple:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{path} must be a list, got {value!r}")
-            kwargs[key] = tuple(value)
-        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[key] = float(value)
-        elif hint in (int, float, str, bool) and not isinstance(value, hint):
-            raise ConfigError(f"{path} must be of type {hint.__name__}, got {value!r}")
+            item_type = get_args(hint)[0]
+            kwargs[key] = tuple(_scalar(item, item_type, f"{path} item") for item in value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _scalar(value, hint, path)
+    return cls(**kwargs)
+
+
+def _scalar(value: Any, hint: type, path: str) -> Any:
+    """Check ``value`` against the field type ``hint`` and convert ints and numeric strings to float.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string, so numeric strings are accepted for float fields.
+    A bool is never accepted as a number.
+    """
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{path} must be a number, got {value!r}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{path} must be a number, got {value!r}")
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{path} must be of type {hint.__name__}, got {value!r}")
+    return value
     return cls(**kwargs)
 
 
@@ -287,7 +328,7 @@ def _read_values(preset_or_path: str | os.PathLike, with_base: bool = True, seen
     without, only the keys written in the file itself are returned.
     """
     path = Path(preset_or_path)
-    if not path.suffix and not path.exists():
+    if not path.suffix and not path.is_file():
         path = PRESET_DIR / f"{preset_or_path}.yaml"
         if not path.exists():
             raise ConfigError(
@@ -298,8 +339,11 @@ def _read_values(preset_or_path: str | os.PathLike, with_base: bool = True, seen
     if str(path) in seen:
         raise ConfigError(f"presets name each other as base in a loop: {' -> '.join([*seen, str(path)])}")
 
-    with open(path, encoding="utf-8") as stream:
-        values = yaml.safe_load(stream) or {}
+    try:
+        with open(path, encoding="utf-8") as stream:
+            values = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping of configuration sections")
     base = values.pop("base", None)

@@ -75,7 +75,7 @@ def _demo(arguments: argparse.Namespace) -> int:
     return 0
 
 
-SET_HELP = "change one option after the presets, e.g. --set masking.ratio=0.6 (repeatable)"
+SET_HELP = "change one option after the presets; the value is read as YAML, e.g. --set masking.ratio=0.6 (repeatable)"
 
 
 def build_parser() -> argparse.ArgumentParser:

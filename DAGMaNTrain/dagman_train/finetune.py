@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dagman_core.data.datalist import label_names, load_datalist
 from dagman_core.data.transforms import segmentation_transforms
+from dagman_core.inference.pipeline import resolve_device
 from dagman_core.models.segmentation import build_segmenter
 from dagman_core.schedules import cosine_schedule
 
@@ -51,10 +52,8 @@ def finetune_segmentation(
     encoder_path = pretrained_run / ENCODER_FILE
     if not encoder_path.exists():
         raise FileNotFoundError(f"pretrained encoder not found: {encoder_path}; run 'dagman pretrain' first")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    torch_device = resolve_device(device)
     seed_everything(config.train.seed)
-    torch_device = torch.device(device)
     settings = config.finetune
 
     # Data: crops centred on label and background voxels in equal numbers.
@@ -70,6 +69,8 @@ def finetune_segmentation(
     dataset = CacheDataset(cases, transform, progress=False)
     _check_label_values(dataset, num_classes)
     loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(config.train.seed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
 
     # Model: encoder and SA block from pretraining, decoder from scratch.
     model = build_segmenter(config, num_classes=num_classes, drop_path=0.1)
@@ -83,7 +84,7 @@ def finetune_segmentation(
     # Dice over the whole batch, so that crops without any label voxel still give a stable gradient.
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", append=False)
     bar = progress_bar(total_steps, "fine-tune", show_progress)
     started, step, loss_value = time.perf_counter(), 0, float("nan")
     try:

@@ -12,14 +12,25 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dagman_core.codistillation import CoDistillation
 from dagman_core.config import DAGMaNConfig
 from dagman_core.data.datalist import load_datalist
 from dagman_core.data.transforms import pretraining_transforms
+from dagman_core.inference.pipeline import resolve_device
 from dagman_core.schedules import cosine_schedule, ema_momentum_schedule, teacher_temperature_schedule
 
-from .runs import MetricsLog, atomic_save_safetensors, atomic_torch_save, atomic_write_text, progress_bar, seed_everything, write_config
+from .runs import (
+    MetricsLog,
+    atomic_save_safetensors,
+    atomic_torch_save,
+    atomic_write_text,
+    finite_record,
+    progress_bar,
+    seed_everything,
+    write_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +86,20 @@ def pretrain(
         The run summary (steps, final loss terms, seconds).
     """
     run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    torch_device = resolve_device(device)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps {max_steps} must be at least 1")
     generator = seed_everything(config.train.seed)
-    torch_device = torch.device(device)
 
-    # Data: every epoch visits each volume once.
+    # Data: every epoch visits each volume once. The datalist is read before the run folder is made.
     loader = build_loader(config, Path(datalist), config.train.seed)
     steps_per_epoch = len(loader)
     total_steps = config.train.epochs * steps_per_epoch if max_steps is None else max_steps
-    logger.info("pretraining %s: %d volumes, %d steps per epoch, %d steps", config.name, len(loader.dataset), steps_per_epoch, total_steps)
+    logger.info(
+        "pretraining %s: %d volumes, steps per epoch: %d, steps: %d", config.name, len(loader.dataset), steps_per_epoch, total_steps
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
 
     # Student and teacher: the teacher starts with the student's weights.
     model = CoDistillation(config).to(torch_device)
@@ -106,26 +121,31 @@ def pretrain(
     )
     frozen_last_layer_steps = train.freeze_last_layer_epochs * steps_per_epoch
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    # A fresh run replaces the metrics of an earlier run in the same folder.
+    metrics = MetricsLog(run_dir / "metrics.jsonl", append=False)
     watch = CollapseWatch(config)
     bar = progress_bar(total_steps, "pretrain", show_progress)
     started = time.perf_counter()
     step, last = 0, {}
     try:
-        while step < total_steps:
-            for batch in loader:
-                if step >= total_steps:
-                    break
-                last = _train_step(
-                    model, optimizer, batch, step, generator, torch_device,
-                    lr_schedule, wd_schedule, momentum_schedule, temperature_schedule, frozen_last_layer_steps, train.clip_grad,
-                )
-                last["epoch"] = step // steps_per_epoch
-                watch.observe(last)
-                metrics.write(last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}")
-                bar.update(1)
-                step += 1
+        with logging_redirect_tqdm():
+            while step < total_steps:
+                for batch in loader:
+                    if step >= total_steps:
+                        break
+                    last = _train_step(
+                        model, optimizer, batch, step, generator, torch_device,
+                        lr_schedule, wd_schedule, momentum_schedule, temperature_schedule, frozen_last_layer_steps, train.clip_grad,
+                    )
+                    last["epoch"] = step // steps_per_epoch
+                    metrics.write(last)
+                    step += 1
+                    watch.observe(last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    bar.update(1)
+    except NonFiniteLossError as error:
+        _write_summary(run_dir, step, started, len(loader.dataset), watch, last, stopped=str(error))
+        raise
     finally:
         bar.close()
         metrics.close()
@@ -143,13 +163,21 @@ def pretrain(
     )
     atomic_save_safetensors(model.teacher.encoder.state_dict(), run_dir / ENCODER_FILE)
 
+    return _write_summary(run_dir, step, started, len(loader.dataset), watch, last)
+
+
+def _write_summary(run_dir: Path, steps: int, started: float, volumes: int, watch: "CollapseWatch", last: dict,
+                   stopped: str | None = None) -> dict:
+    """Write ``summary.json``; ``stopped`` is the error message of a run that ended early."""
     summary = {
-        "steps": step,
+        "steps": steps,
         "seconds": round(time.perf_counter() - started, 2),
-        "volumes": len(loader.dataset),
+        "volumes": volumes,
         "skipped_nonfinite_steps": watch.skipped,
-        "final": last,
+        "final": finite_record(last),
     }
+    if stopped is not None:
+        summary["stopped"] = stopped
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

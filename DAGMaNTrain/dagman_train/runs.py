@@ -82,19 +82,24 @@ def read_run_config(run_dir: str | os.PathLike) -> DAGMaNConfig:
         return config_from_dict(yaml.safe_load(stream))
 
 
-class MetricsLog:
-    """Append one JSON line per step to ``metrics.jsonl`` in the run folder.
+def finite_record(record: dict) -> dict:
+    """Return ``record`` with NaN and infinite floats replaced by None, so that it is standard JSON."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
 
-    NaN and infinite values are written as ``null``, so that every line is standard JSON.
+
+class MetricsLog:
+    """Write one JSON line per step to ``metrics.jsonl`` in the run folder.
+
+    NaN and infinite values are written as ``null``, so that every line is standard JSON. With
+    ``append=False`` an earlier file is replaced.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = True):
         self.path = path
-        self.stream = open(path, "a", encoding="utf-8")
+        self.stream = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
-        self.stream.write(json.dumps(finite) + "\n")
+        self.stream.write(json.dumps(finite_record(record)) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
