@@ -43,10 +43,15 @@ class BarProgress:
     def __call__(self, stage: str, fraction: float, message: str) -> None:
         from tqdm import tqdm
 
+        from .pipeline import STAGE_SPANS
+
         if stage == "infer":
             if self.bar is None:
-                self.bar = tqdm(total=100, desc="inference", unit="%")
-            self.bar.n = round(100 * fraction)
+                # No rate in the bar: it jumps by whole windows, which makes a rate in %/s meaningless.
+                self.bar = tqdm(total=100, desc="sliding windows", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+            # The fraction is of the whole run; the bar shows the share of windows done.
+            start, end = STAGE_SPANS["infer"]
+            self.bar.n = round(100 * (fraction - start) / (end - start))
             self.bar.refresh()
             return
         if self.bar is not None:
