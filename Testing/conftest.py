@@ -34,24 +34,13 @@ def trained_tumor_bundle(ct_data: Path, tmp_path_factory) -> Path:
     It segments that tumor well enough to compare results across storage variants of the scan; it is
     not a useful model otherwise.
     """
-    import json
-
-    import SimpleITK as sitk
-
     from dagman_core.config import load_config
     from dagman_train.export import export_run
     from dagman_train.finetune import finetune_segmentation
     from dagman_train.pretrain import pretrain
 
     folder = tmp_path_factory.mktemp("trained")
-    for name in ("image", "label"):
-        image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / f"lung2_{name}.nrrd"))
-        sitk.WriteImage(image[LUNG2_TUMOR_BLOCK], str(folder / f"block_{name}.nrrd"))
-    datalist = folder / "datalist.json"
-    datalist.write_text(json.dumps({
-        "labels": {"1": "Lung tumor"},
-        "training": [{"image": "block_image.nrrd", "label": "block_label.nrrd"}],
-    }))
+    datalist = write_tumor_block(ct_data, folder)
 
     pretrain(load_config("tiny_cpu"), datalist, folder / "pretrain", max_steps=1, show_progress=False)
     finetune_segmentation(folder / "pretrain", datalist, folder / "finetune", max_steps=TRAINED_STEPS, show_progress=False)
@@ -61,3 +50,20 @@ def trained_tumor_bundle(ct_data: Path, tmp_path_factory) -> Path:
 # A 260 x 260 x 30 voxel block of lung2 (0.63 x 0.63 x 5 mm) that contains its tumor.
 LUNG2_TUMOR_BLOCK = (slice(250, 510), slice(150, 410), slice(10, 40))
 TRAINED_STEPS = 150
+
+
+def write_tumor_block(ct_data: Path, folder: Path) -> Path:
+    """Write lung2's tumor block and its label as NRRD into ``folder``; return a datalist naming them."""
+    import json
+
+    import SimpleITK as sitk
+
+    for name in ("image", "label"):
+        image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / f"lung2_{name}.nrrd"))
+        sitk.WriteImage(image[LUNG2_TUMOR_BLOCK], str(folder / f"block_{name}.nrrd"))
+    datalist = folder / "datalist.json"
+    datalist.write_text(json.dumps({
+        "labels": {"1": "Lung tumor"},
+        "training": [{"image": "block_image.nrrd", "label": "block_label.nrrd"}],
+    }))
+    return datalist

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import LUNG2_TUMOR_BLOCK
+from conftest import write_tumor_block
 from dagman_core.data.io import same_geometry
 
 pytestmark = pytest.mark.slow
@@ -29,14 +29,7 @@ def dagman(*arguments: str) -> subprocess.CompletedProcess:
 
 
 def test_vit_attention_through_infer(ct_data: Path, tmp_path: Path):
-    for name in ("image", "label"):
-        image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / f"lung2_{name}.nrrd"))
-        sitk.WriteImage(image[LUNG2_TUMOR_BLOCK], str(tmp_path / f"block_{name}.nrrd"))
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({
-        "labels": {"1": "Lung tumor"},
-        "training": [{"image": "block_image.nrrd", "label": "block_label.nrrd"}],
-    }))
+    datalist = write_tumor_block(ct_data, tmp_path)
 
     settings = [argument for override in TINY_VIT for argument in ("--set", override)]
     dagman("pretrain", "--config", "dagman_vit", *settings, "--datalist", str(datalist), "--output", str(tmp_path / "pretrain"), "--max-steps", "2")

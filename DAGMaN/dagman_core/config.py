@@ -313,7 +313,6 @@ def _scalar(value: Any, hint: type, path: str) -> Any:
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise ConfigError(f"{path} must be of type {hint.__name__}, got {value!r}")
     return value
-    return cls(**kwargs)
 
 
 def preset_names() -> list[str]:
