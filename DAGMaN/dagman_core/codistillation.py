@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from .masking import (
 )
 from .models.encoder import DAGMaNEncoder
 from .models.heads import DINOHead, ReconstructionHead
+
+# One CPU generator for the batch, one per image, or None for torch's global generator.
+Generators = torch.Generator | list[torch.Generator] | None
 
 # The DINO head each distillation term reads, and the loss switch that needs it.
 HEAD_ROLES = {"cls": "aitd", "patch": "ampd", "global": "gitd"}
@@ -100,7 +103,8 @@ class StepOutput:
     ``teacher_entropy`` is the mean entropy of the teacher's centred, sharpened [CLS] distribution (the
     first enabled head when AITD is off) and ``teacher_kl_uniform`` its KL divergence to the uniform
     distribution, ln K - entropy. Entropy near ln K means a uniform teacher; KL near ln K a one-hot one.
-    Both are NaN when no distillation term is on.
+    Both are NaN when no distillation term is on. ``center_logits`` holds the teacher's logits per
+    role, (tokens, K), for ``CoDistillation.update_centers``.
     """
 
     total: torch.Tensor
@@ -108,6 +112,7 @@ class StepOutput:
     masked_fraction: float
     teacher_entropy: float
     teacher_kl_uniform: float
+    center_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CoDistillation(nn.Module):
@@ -143,11 +148,13 @@ class CoDistillation(nn.Module):
         torch._foreach_mul_(teacher_parameters, momentum)
         torch._foreach_add_(teacher_parameters, [p.detach() for p in student_parameters], alpha=1.0 - momentum)
 
-    def _teacher_dropout(self, view: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    def _teacher_dropout(self, view: torch.Tensor, generator: Generators) -> torch.Tensor | None:
         """Draw the noisy teacher's dropout of one view, (B, X/p, Y/p, Z/p) bool, or None for a clean teacher."""
         masking = self.config.masking
         if not masking.noisy_teacher:
             return None
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([self._teacher_dropout(view[row : row + 1], generator[row]) for row in range(view.shape[0])])
         encoder = self.teacher.encoder
         patch_grid = tuple(size // encoder.patch_voxels for size in view.shape[2:])
         if masking.teacher_dropout_grid == "cell":
@@ -188,8 +195,13 @@ class CoDistillation(nn.Module):
             return teacher["s_att"]
         return self.teacher.encoder.attention(view, patch_drop=patch_drop)
 
-    def make_mask(self, view: torch.Tensor, scores: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    def make_mask(self, view: torch.Tensor, scores: torch.Tensor | None, generator: Generators) -> torch.Tensor:
         """Return the student's cell mask of one view, (B, n_x, n_y, n_z) bool, by ``masking.mode``."""
+        if isinstance(generator, (list, tuple)):
+            return torch.cat([
+                self.make_mask(view[row : row + 1], None if scores is None else scores[row : row + 1], generator[row])
+                for row in range(view.shape[0])
+            ])
         masking = self.config.masking
         cells = tuple(size // self.cell_voxels for size in view.shape[2:])
         batch, num_cells = view.shape[0], cells[0] * cells[1] * cells[2]
@@ -208,14 +220,25 @@ class CoDistillation(nn.Module):
         return flat.reshape(batch, *cells)
 
     def forward(
-        self, view_u: torch.Tensor, view_v: torch.Tensor, teacher_temperature: float, generator: torch.Generator | None = None
+        self,
+        view_u: torch.Tensor,
+        view_v: torch.Tensor,
+        teacher_temperature: float,
+        generator: Generators = None,
+        update_centers: bool = True,
     ) -> StepOutput:
         """Compute the co-distillation loss for two views of the same CTs.
 
         Args:
             view_u, view_v: (B, 1, X, Y, Z) random crops of the same volumes, scaled to [0, 1].
             teacher_temperature: the teacher's sharpening temperature at this step.
-            generator: CPU random generator for dropout, tie-breaking, hints and random masks.
+            generator: CPU random generator for dropout, tie-breaking, hints and random masks, or a list
+                of B generators, one per image. With one generator per image, an image's masks do not
+                depend on the other images of the batch, so a batch split over several processes gets
+                the masks of the same batch in one process.
+            update_centers: move the centers towards this step's teacher logits when the loss is finite.
+                A multi-process trainer passes False and calls ``update_centers`` once every process
+                knows that all losses are finite, because the update all-reduces across processes.
         """
         config, loss = self.config, self.config.loss
         views = (view_u, view_v)
@@ -256,10 +279,11 @@ class CoDistillation(nn.Module):
         total = sum(getattr(loss, f"{name}_weight") * value for name, value in terms.items())
 
         entropy = float("nan")
+        center_logits = {}
         if distills:
-            if torch.isfinite(total):
-                for role in self.teacher.head_names:
-                    self.centers.update(role, torch.cat([output[role].flatten(0, -2) for output in teacher]))
+            center_logits = {role: torch.cat([output[role].flatten(0, -2) for output in teacher]) for role in self.teacher.head_names}
+            if update_centers and torch.isfinite(total):
+                self.update_centers(center_logits)
             watched = next(role for role in ("cls", "global", "patch") if role in self.teacher.head_names)
             logits = (teacher[0][watched].float() - getattr(self.centers, watched)) / teacher_temperature
             probabilities = torch.softmax(logits, dim=-1)
@@ -270,7 +294,14 @@ class CoDistillation(nn.Module):
             masked_fraction=float(torch.stack(masks).float().mean()),
             teacher_entropy=entropy,
             teacher_kl_uniform=math.log(loss.out_dim) - entropy,
+            center_logits=center_logits,
         )
+
+    @torch.no_grad()
+    def update_centers(self, center_logits: dict[str, torch.Tensor]) -> None:
+        """Move each center towards the mean of its teacher logits (all-reduced across processes)."""
+        for role, logits in center_logits.items():
+            self.centers.update(role, logits)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Return the teacher encoder's weights, which DINO-style methods keep as the pretrained model."""

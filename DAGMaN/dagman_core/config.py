@@ -19,6 +19,7 @@ ATTENTION_SOURCES = ("noisy_teacher", "clean_teacher", "student")
 DROPOUT_GRIDS = ("patch", "cell")
 HEAD_SHARING = ("separate", "shared")
 SA_STAGES = (1, 2, 3, 4)
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -55,11 +56,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Preprocessing: RAS orientation, isotropic spacing in mm and the HU window scaled to [0, 1]."""
+    """Preprocessing: RAS orientation, isotropic spacing in mm and the HU window scaled to [0, 1].
+
+    ``cache_dir`` holds each volume's preprocessed copy on disk (default: ``cache`` in the run folder);
+    runs that share a cache folder preprocess each volume once. ``num_workers`` loader processes read
+    and crop volumes.
+    """
 
     crop_size: int = 128
     spacing_mm: float = 2.0
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    cache_dir: str = ""
+    num_workers: int = 2
 
 
 @dataclass
@@ -118,6 +126,12 @@ class TrainConfig:
     ``lr`` is the learning rate for a global batch of ``lr_reference_batch`` volumes, and a run scales it
     linearly with its own global batch. The MIDL 2025 DAGMaN paper used 8e-4 on 4 GPUs.
     A step whose loss is NaN or infinite is skipped; ``max_nonfinite_steps`` of them in a row stop the run.
+
+    ``precision`` is ``auto`` (bf16 autocast on a CUDA GPU that supports it, else fp32), ``bf16`` or
+    ``fp32``. ``checkpoint_activations`` recomputes the student's Swin stages (or ViT blocks) in the
+    backward pass to save memory, and ``compile`` runs the student through ``torch.compile``. A
+    checkpoint is written every ``checkpoint_every_steps``; the newest ``keep_last_checkpoints`` are
+    kept, and so is every one at a multiple of ``keep_every_steps``.
     """
 
     batch_size: int = 2
@@ -133,6 +147,12 @@ class TrainConfig:
     ema_momentum: float = 0.996
     max_nonfinite_steps: int = 10
     seed: int = 0
+    precision: str = "auto"
+    checkpoint_activations: bool = False
+    compile: bool = False
+    checkpoint_every_steps: int = 500
+    keep_last_checkpoints: int = 3
+    keep_every_steps: int = 10000
 
 
 @dataclass
@@ -211,6 +231,9 @@ class DAGMaNConfig:
         _choose("loss.heads", loss.heads, HEAD_SHARING)
         if not any((loss.amip, loss.ampd, loss.aitd, loss.gitd)):
             raise ConfigError("every loss term is switched off; keep at least one of loss.amip, loss.ampd, loss.aitd, loss.gitd")
+        _choose("train.precision", self.train.precision, PRECISIONS)
+        if self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers {self.data.num_workers} must be 0 or more")
         if self.train.max_nonfinite_steps < 1:
             raise ConfigError(f"train.max_nonfinite_steps {self.train.max_nonfinite_steps} must be at least 1")
         low, high = data.hu_window
@@ -224,7 +247,8 @@ POSITIVE_KEYS = {
     "data": ("spacing_mm",),
     "loss": ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "student_temperature", "teacher_temperature",
              "teacher_temperature_final"),
-    "train": ("batch_size", "epochs", "lr", "lr_reference_batch"),
+    "train": ("batch_size", "epochs", "lr", "lr_reference_batch", "checkpoint_every_steps", "keep_last_checkpoints",
+              "keep_every_steps"),
     "finetune": ("batch_size", "lr", "steps"),
 }
 

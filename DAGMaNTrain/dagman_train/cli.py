@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 logger = logging.getLogger("dagman")
@@ -37,9 +38,14 @@ def _pretrain(arguments: argparse.Namespace) -> int:
 
     from .pretrain import pretrain
 
-    config = load_config(*arguments.config, overrides=arguments.overrides)
-    summary = pretrain(config, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
-    print(f"pretrained {summary['steps']} steps in {summary['seconds']} s; run folder: {arguments.output}")
+    if not arguments.config and not arguments.resume:
+        raise ValueError("name a preset or YAML file with --config (or continue a run with --resume)")
+    config = load_config(*arguments.config, overrides=arguments.overrides) if arguments.config else None
+    summary = pretrain(config, arguments.datalist, arguments.output, arguments.max_steps, arguments.device, resume=arguments.resume)
+    if "stopped" in summary:
+        print(f"stopped by {summary['stopped']} after {summary['steps']} steps; continue with --resume")
+    elif "seconds" in summary:
+        print(f"pretrained {summary['steps']} steps in {summary['seconds']} s; run folder: {arguments.output}")
     return 0
 
 
@@ -95,14 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="pretrain a DAGMaN encoder (or a baseline) on unlabeled CT")
     pretrain.add_argument(
-        "--config", required=True, nargs="+", metavar="PRESET_OR_YAML",
+        "--config", nargs="+", default=[], metavar="PRESET_OR_YAML",
         help="preset names (dagman_swin, smit, tiny_cpu, ...; see 'dagman config --list') or YAML files, merged left to right",
     )
     pretrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     pretrain.add_argument("--datalist", required=True, help="datalist JSON whose 'training' list names the CT volumes")
     pretrain.add_argument("--output", required=True, help="run folder to write")
     pretrain.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the schedules then span N steps)")
-    pretrain.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    pretrain.add_argument("--device", default="cpu", help="cpu, cuda or auto; under torchrun each process takes its own GPU (default: cpu)")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     pretrain.set_defaults(handler=_pretrain)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on labeled CT")
@@ -142,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dagman`` console script."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    # Under torchrun only rank 0 reports progress; the other ranks log warnings and errors.
+    quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.DEBUG if arguments.verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if arguments.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

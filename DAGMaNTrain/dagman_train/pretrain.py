@@ -1,33 +1,42 @@
-"""DAGMaN pretraining on unlabeled CT: data, student and teacher, schedules, then the step loop."""
+"""DAGMaN pretraining on unlabeled CT: one process or many under torchrun, resumable at any checkpoint.
+
+The loop runs the student in DistributedDataParallel when torchrun starts several processes (gloo on
+CPU, NCCL on GPU). Rank 0 alone writes the run folder: ``config.yaml``, ``metrics.jsonl``, TensorBoard
+events in ``tensorboard/``, ``checkpoints/``, ``encoder.safetensors`` and ``summary.json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
-from monai.transforms import Compose
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dagman_core.codistillation import CoDistillation
 from dagman_core.config import DAGMaNConfig
 from dagman_core.data.datalist import load_datalist
-from dagman_core.data.transforms import pretraining_transforms
-from dagman_core.inference.pipeline import resolve_device
 from dagman_core.schedules import cosine_schedule, ema_momentum_schedule, teacher_temperature_schedule
 
+from .checkpoints import load_latest_checkpoint, random_states, restore_random_states, save_checkpoint
+from .distributed import DistributedContext, setup_distributed
+from .pretrain_data import PretrainingViews, StepBatchSampler, cache_folder, prepare_cases
 from .runs import (
     MetricsLog,
     atomic_save_safetensors,
-    atomic_torch_save,
     atomic_write_text,
     finite_record,
     progress_bar,
+    read_run_config,
     seed_everything,
     write_config,
 )
@@ -35,6 +44,7 @@ from .runs import (
 logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.safetensors"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
@@ -50,136 +60,38 @@ def parameter_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0, "no_decay": True}]
 
 
-def build_loader(config: DAGMaNConfig, datalist: Path, seed: int) -> DataLoader:
-    """Cache the deterministic preprocessing of every volume and return a shuffling loader of view pairs."""
-    cases = load_datalist(datalist, "training")
-    deterministic, random_views = pretraining_transforms(config)
-    transform = Compose([*deterministic.transforms, *random_views.transforms]).set_random_state(seed)
-    dataset = CacheDataset(cases, transform, progress=False)
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=False, generator=generator, num_workers=0)
+def autocast_for(precision: str, device: torch.device):
+    """Return the autocast context of ``train.precision`` on ``device``.
 
-
-def pretrain(
-    config: DAGMaNConfig,
-    datalist: str | Path,
-    output_dir: str | Path,
-    max_steps: int | None = None,
-    device: str = "cpu",
-    show_progress: bool = True,
-) -> dict:
-    """Pretrain a DAGMaN encoder and write the run folder.
-
-    The folder receives ``config.yaml``, ``metrics.jsonl`` (one line per step), ``checkpoint.pt``
-    (student, teacher, centers, optimiser and step), ``encoder.safetensors`` (the teacher's encoder,
-    which fine-tuning starts from) and ``summary.json``.
-
-    Args:
-        config: the resolved configuration.
-        datalist: MONAI-style datalist JSON whose ``training`` list names the CT volumes.
-        output_dir: the run folder (created when missing).
-        max_steps: stop after this many steps; the schedules then span ``max_steps``.
-        device: ``cpu`` or ``cuda``.
-        show_progress: show a progress bar on stderr.
-
-    Returns:
-        The run summary (steps, final loss terms, seconds).
+    ``auto`` is bf16 on a CUDA GPU that supports it and fp32 elsewhere; ``bf16`` also applies on CPU.
     """
-    run_dir = Path(output_dir)
-    torch_device = resolve_device(device)
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps {max_steps} must be at least 1")
-    generator = seed_everything(config.train.seed)
-
-    # Data: every epoch visits each volume once. The datalist is read before the run folder is made.
-    loader = build_loader(config, Path(datalist), config.train.seed)
-    steps_per_epoch = len(loader)
-    total_steps = config.train.epochs * steps_per_epoch if max_steps is None else max_steps
-    logger.info(
-        "pretraining %s: %d volumes, steps per epoch: %d, steps: %d", config.name, len(loader.dataset), steps_per_epoch, total_steps
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
-
-    # Student and teacher: the teacher starts with the student's weights.
-    model = CoDistillation(config).to(torch_device)
-    model.train()
-
-    # Optimiser and schedules, indexed by the global step.
-    train = config.train
-    lr = train.lr * train.batch_size / train.lr_reference_batch
-    optimizer = torch.optim.AdamW(parameter_groups(model.student), lr=lr)
-    lr_schedule = cosine_schedule(lr, train.min_lr, total_steps, warmup_steps=train.warmup_epochs * steps_per_epoch)
-    wd_schedule = cosine_schedule(train.weight_decay, train.weight_decay_final, total_steps)
-    momentum_schedule = ema_momentum_schedule(train.ema_momentum, total_steps)
-    # A cold teacher (low temperature) at first keeps its targets sharp while they are nearly uniform.
-    temperature_schedule = teacher_temperature_schedule(
-        config.loss.teacher_temperature,
-        config.loss.teacher_temperature_final,
-        config.loss.teacher_temperature_warmup_epochs * steps_per_epoch,
-        total_steps,
-    )
-    frozen_last_layer_steps = train.freeze_last_layer_epochs * steps_per_epoch
-
-    # A fresh run replaces the metrics of an earlier run in the same folder.
-    metrics = MetricsLog(run_dir / "metrics.jsonl", append=False)
-    watch = CollapseWatch(config)
-    bar = progress_bar(total_steps, "pretrain", show_progress)
-    started = time.perf_counter()
-    step, last = 0, {}
-    try:
-        with logging_redirect_tqdm():
-            while step < total_steps:
-                for batch in loader:
-                    if step >= total_steps:
-                        break
-                    last = _train_step(
-                        model, optimizer, batch, step, generator, torch_device,
-                        lr_schedule, wd_schedule, momentum_schedule, temperature_schedule, frozen_last_layer_steps, train.clip_grad,
-                    )
-                    last["epoch"] = step // steps_per_epoch
-                    metrics.write(last)
-                    step += 1
-                    watch.observe(last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}")
-                    bar.update(1)
-    except NonFiniteLossError as error:
-        _write_summary(run_dir, step, started, len(loader.dataset), watch, last, stopped=str(error))
-        raise
-    finally:
-        bar.close()
-        metrics.close()
-
-    # The teacher's encoder is the pretrained model, as in DINO and iBOT.
-    atomic_torch_save(
-        {
-            "student": model.student.state_dict(),
-            "teacher": model.teacher.state_dict(),
-            "centers": model.centers.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-        },
-        run_dir / "checkpoint.pt",
-    )
-    atomic_save_safetensors(model.teacher.encoder.state_dict(), run_dir / ENCODER_FILE)
-
-    return _write_summary(run_dir, step, started, len(loader.dataset), watch, last)
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _write_summary(run_dir: Path, steps: int, started: float, volumes: int, watch: "CollapseWatch", last: dict,
-                   stopped: str | None = None) -> dict:
-    """Write ``summary.json``; ``stopped`` is the error message of a run that ended early."""
-    summary = {
-        "steps": steps,
-        "seconds": round(time.perf_counter() - started, 2),
-        "volumes": volumes,
-        "skipped_nonfinite_steps": watch.skipped,
-        "final": finite_record(last),
-    }
-    if stopped is not None:
-        summary["stopped"] = stopped
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+class StopRequest:
+    """Note SIGTERM and SIGUSR1, which SLURM sends before it preempts a job, so that the loop can stop cleanly."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for number in STOP_SIGNALS:
+            self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame) -> None:
+        self.signal_name = signal.Signals(number).name
+        logger.warning("received %s: saving a checkpoint after this step, then exiting", self.signal_name)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -233,26 +145,317 @@ class CollapseWatch:
             )
 
 
-def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, wd_schedule, momentum_schedule,
-                temperature_schedule, frozen_last_layer_steps, clip_grad) -> dict:
-    """Run one optimiser step and EMA update; a non-finite loss leaves every weight and center unchanged.
+class Schedules:
+    """Per-step learning rate, weight decay, EMA momentum and teacher temperature of a run."""
+
+    def __init__(self, config: DAGMaNConfig, steps_per_epoch: int, total_steps: int, world_size: int):
+        train = config.train
+        self.lr = train.lr * train.batch_size * world_size / train.lr_reference_batch
+        self.learning_rate = cosine_schedule(self.lr, train.min_lr, total_steps, warmup_steps=train.warmup_epochs * steps_per_epoch)
+        self.weight_decay = cosine_schedule(train.weight_decay, train.weight_decay_final, total_steps)
+        self.momentum = ema_momentum_schedule(train.ema_momentum, total_steps)
+        # A cold teacher (low temperature) at first keeps its targets sharp while they are nearly uniform.
+        self.temperature = teacher_temperature_schedule(
+            config.loss.teacher_temperature,
+            config.loss.teacher_temperature_final,
+            config.loss.teacher_temperature_warmup_epochs * steps_per_epoch,
+            total_steps,
+        )
+        self.frozen_last_layer_steps = train.freeze_last_layer_epochs * steps_per_epoch
+
+
+def pretrain(
+    config: DAGMaNConfig | None,
+    datalist: str | Path,
+    output_dir: str | Path,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+    resume: bool = False,
+) -> dict:
+    """Pretrain a DAGMaN encoder (or a baseline) and write the run folder.
+
+    Args:
+        config: the resolved configuration; None with ``resume`` reads the run folder's ``config.yaml``.
+        datalist: MONAI-style datalist JSON whose ``training`` list names the CT volumes.
+        output_dir: the run folder (created when missing).
+        max_steps: stop after this many steps; the schedules then span ``max_steps``. A resumed run
+            keeps the step count it started with unless this is given.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; under torchrun each process takes its own GPU.
+        show_progress: show a progress bar on stderr (rank 0 only).
+        resume: continue from the newest complete checkpoint in ``output_dir``.
 
     Returns:
-        The step's metrics record; ``skipped`` is true when the loss was NaN or infinite.
+        The run summary (steps, seconds, skipped volumes and steps, final metrics). A run stopped by
+        SIGTERM or SIGUSR1 returns after saving a checkpoint, with ``stopped`` naming the signal.
     """
+    context = setup_distributed(device)
+    try:
+        return _pretrain(context, config, Path(datalist), Path(output_dir), max_steps, show_progress, resume)
+    finally:
+        context.close()
+
+
+def _pretrain(context: DistributedContext, config, datalist: Path, run_dir: Path, max_steps, show_progress, resume) -> dict:
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps {max_steps} must be at least 1")
+    checkpoint = None
+    if resume:
+        saved_config = read_run_config(run_dir)
+        if config is not None and config.to_dict() != saved_config.to_dict():
+            logger.warning("--resume uses the configuration stored in %s/config.yaml, not the one given", run_dir)
+        config = saved_config
+        found = load_latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}; start without --resume")
+        checkpoint, checkpoint_file = found
+        logger.info("resuming from %s (step %d)", checkpoint_file, checkpoint["step"])
+    seed_everything(config.train.seed)
+    train = config.train
+
+    # Data: rank 0 preprocesses every volume into the cache once; the others wait, then read the cache.
+    cases = load_datalist(datalist, "training")
+    cache_dir = cache_folder(config, run_dir)
+    usable, skipped = None, None
+    if context.is_main:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        usable, skipped = prepare_cases(cases, config, cache_dir, show_progress)
+    usable, skipped = context.broadcast_object((usable, skipped))
+    if not usable:
+        raise ValueError(f"none of the {len(cases)} volumes in {datalist} could be loaded; see the warnings above")
+
+    global_batch = train.batch_size * context.world_size
+    steps_per_epoch = math.ceil(len(usable) / global_batch)
+    total_steps = train.epochs * steps_per_epoch if max_steps is None else max_steps
+    if checkpoint is not None and max_steps is None:
+        total_steps = checkpoint["total_steps"]
+    start_step = checkpoint["step"] if checkpoint is not None else 0
+    if context.is_main:
+        logger.info(
+            "pretraining %s: %d volumes (%d skipped), %d processes, global batch %d, steps per epoch: %d, steps: %d",
+            config.name, len(usable), len(skipped), context.world_size, global_batch, steps_per_epoch, total_steps,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config)
+
+    dataset = PretrainingViews(usable, config, cache_dir)
+    sampler = StepBatchSampler(len(usable), train.batch_size, context.world_size, context.rank, train.seed, start_step, total_steps)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0, pin_memory=context.device.type == "cuda",
+    )
+
+    # Student and teacher start alike on every process; stochastic depth then draws per process.
+    model = CoDistillation(config).to(context.device)
+    model.student.encoder.backbone.checkpoint_activations = train.checkpoint_activations
+    if train.compile:
+        model.student.encoder.compile()
+    model.train()
+    optimizer = torch.optim.AdamW(parameter_groups(model.student), lr=train.lr)
+    if checkpoint is not None:
+        model.student.load_state_dict(checkpoint["student"])
+        model.teacher.load_state_dict(checkpoint["teacher"])
+        model.centers.load_state_dict(checkpoint["centers"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        states = checkpoint["random_states"]
+        restore_random_states(states[context.rank] if len(states) == context.world_size else states[0])
+    else:
+        torch.manual_seed(train.seed + context.rank)
+    forward = model
+    if context.is_distributed:
+        # Stage 4 feeds only AMIP and GITD; without both its parameters get no gradient.
+        unused = not (config.loss.amip or config.loss.gitd) and config.model.backbone == "swin"
+        forward = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=unused)
+    schedules = Schedules(config, steps_per_epoch, total_steps, context.world_size)
+
+    metrics = writer = None
+    if context.is_main:
+        metrics = MetricsLog(run_dir / "metrics.jsonl", append=checkpoint is not None)
+        if checkpoint is not None:
+            metrics.truncate_from(start_step)
+        writer = _tensorboard(run_dir)
+    watch = CollapseWatch(config)
+    if checkpoint is not None:
+        watch.skipped = checkpoint.get("skipped_nonfinite_steps", 0)
+    bar = progress_bar(total_steps, "pretrain", show_progress and context.is_main)
+    bar.update(start_step)
+    started = time.perf_counter()
+    step, last, stopped = start_step, {}, None
+
+    def save(done: int) -> None:
+        states = context.gather_objects(random_states())
+        if context.is_main:
+            state = {
+                "student": model.student.state_dict(),
+                "teacher": model.teacher.state_dict(),
+                "centers": model.centers.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": done,
+                "epoch": done // steps_per_epoch,
+                "total_steps": total_steps,
+                "random_states": states,
+                "skipped_nonfinite_steps": watch.skipped,
+                "config": config.to_dict(),
+            }
+            save_checkpoint(run_dir, done, state, train.keep_last_checkpoints, train.keep_every_steps)
+
+    try:
+        with StopRequest() as stop_request, logging_redirect_tqdm():
+            step_started = time.perf_counter()
+            for batch in loader:
+                last = _train_step(
+                    forward, optimizer, batch, step, None, context.device,
+                    schedules.learning_rate, schedules.weight_decay, schedules.momentum, schedules.temperature,
+                    schedules.frozen_last_layer_steps, train.clip_grad,
+                    context=context, precision=train.precision, stop_requested=stop_request.signal_name is not None,
+                )
+                stop_now = last.pop("stop_requested")
+                now = time.perf_counter()
+                last["epoch"] = step // steps_per_epoch
+                last["volumes_per_second"] = round(global_batch / max(now - step_started, 1e-9), 4)
+                step_started = now
+                step += 1
+                if context.is_main:
+                    metrics.write(last)
+                    _log_scalars(writer, last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                    bar.update(1)
+                watch.observe(last)
+                if stop_now:
+                    stopped = stop_request.signal_name or "signal on another process"
+                    save(step)
+                    break
+                if step % train.checkpoint_every_steps == 0 and step < total_steps:
+                    save(step)
+    except NonFiniteLossError as error:
+        if context.is_main:
+            _write_summary(run_dir, step, started, usable, skipped, watch, last, stopped=str(error))
+        raise
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        if writer is not None:
+            writer.close()
+
+    if stopped is not None:
+        summary = {"steps": step, "stopped": stopped}
+        if context.is_main:
+            summary = _write_summary(run_dir, step, started, usable, skipped, watch, last, stopped=stopped)
+            logger.info("stopped by %s after step %d; continue with --resume", stopped, step)
+        return summary
+
+    save(step)
+    # Every process must end with the same weights and centers; a digest per rank shows that they do.
+    digests = context.gather_objects(state_digest(model))
+    if context.is_main:
+        if len(set(digests)) > 1:
+            logger.warning("the processes ended with different weights or centers: %s", digests)
+        # The teacher's encoder is the pretrained model, as in DINO and iBOT.
+        atomic_save_safetensors(model.teacher.encoder.state_dict(), run_dir / ENCODER_FILE)
+        summary = _write_summary(run_dir, step, started, usable, skipped, watch, last)
+        summary["rank_state_sha256"] = digests
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    else:
+        summary = {"steps": step}
+    context.barrier()
+    return summary
+
+
+def state_digest(model: CoDistillation) -> str:
+    """Return the sha256 of the student's weights and the three centers, in state-dict order."""
+    digest = hashlib.sha256()
+    for module in (model.student, model.centers):
+        for name, value in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tensorboard(run_dir: Path):
+    """Return a TensorBoard writer for ``run_dir/tensorboard``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard is not installed; scalars go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+TENSORBOARD_SCALARS = (
+    "loss", "amip", "ampd", "aitd", "gitd", "lr", "weight_decay", "ema_momentum", "teacher_temperature",
+    "teacher_entropy", "teacher_kl_uniform", "masked_fraction", "volumes_per_second",
+)
+
+
+def _log_scalars(writer, record: dict) -> None:
+    if writer is None:
+        return
+    for key in TENSORBOARD_SCALARS:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(f"pretrain/{key}", value, record["step"])
+
+
+def _write_summary(run_dir: Path, steps: int, started: float, usable: list, skipped: list, watch: "CollapseWatch",
+                   last: dict, stopped: str | None = None) -> dict:
+    """Write ``summary.json``; ``stopped`` is the reason a run ended early."""
+    summary = {
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "volumes": len(usable),
+        "skipped_volumes": skipped,
+        "skipped_nonfinite_steps": watch.skipped,
+        "final": finite_record(last),
+    }
+    if stopped is not None:
+        summary["stopped"] = stopped
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, wd_schedule, momentum_schedule,
+                temperature_schedule, frozen_last_layer_steps, clip_grad, context: DistributedContext | None = None,
+                precision: str = "fp32", stop_requested: bool = False) -> dict:
+    """Run one optimiser step and EMA update; a non-finite loss leaves every weight and center unchanged.
+
+    Args:
+        model: ``CoDistillation``, or the ``DistributedDataParallel`` wrapping it.
+        batch: ``view_u`` and ``view_v`` (B, 1, X, Y, Z) and, from ``PretrainingViews``, ``seed`` (B,).
+        generator: the masking generator; None seeds one generator per image from ``batch["seed"]``.
+        context: the process group; the skip decision, the logged losses and the stop request are
+            agreed over all processes.
+        stop_requested: this process received a stop signal; the record's ``stop_requested`` is true
+            when any process did.
+
+    Returns:
+        The step's metrics record; ``skipped`` is true when the loss was NaN or infinite on any process.
+    """
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    context = context or DistributedContext(0, 0, 1, torch.device(device))
     for group in optimizer.param_groups:
         group["lr"] = float(lr_schedule[step])
         if not group.get("no_decay"):
             group["weight_decay"] = float(wd_schedule[step])
 
-    view_u = batch["view_u"].as_tensor().to(device)
-    view_v = batch["view_v"].as_tensor().to(device)
-    output = model(view_u, view_v, float(temperature_schedule[step]), generator)
-    loss = output.total
+    view_u, view_v = (_plain_tensor(batch[key]).to(device, non_blocking=True) for key in ("view_u", "view_v"))
+    if generator is None:
+        generator = [torch.Generator().manual_seed(int(seed)) for seed in batch["seed"]]
+    with autocast_for(precision, device):
+        output = model(view_u, view_v, float(temperature_schedule[step]), generator, update_centers=False)
+    loss = output.total.float()
+
+    # One all-reduce agrees on the skip, averages the logged losses and spreads a stop request.
+    names = sorted(output.terms)
+    local = torch.stack([loss.detach(), *[output.terms[name].float() for name in names]])
+    flags = torch.tensor([float(not torch.isfinite(local).all()), float(stop_requested)])
+    reduced = context.sum(torch.cat([torch.nan_to_num(local, nan=0.0, posinf=0.0, neginf=0.0), flags.to(local.device)]))
+    skipped = bool(reduced[-2] > 0)
+    averages = (reduced[: len(names) + 1] / context.world_size).tolist()
     record = {
         "step": step,
-        "loss": round(loss.item(), 6),
-        **{name: round(value.item(), 6) for name, value in output.terms.items()},
+        "loss": float("nan") if skipped else round(averages[0], 6),
+        **{name: float("nan") if skipped else round(value, 6) for name, value in zip(names, averages[1:])},
         "lr": float(lr_schedule[step]),
         "weight_decay": float(wd_schedule[step]),
         "ema_momentum": float(momentum_schedule[step]),
@@ -260,19 +463,25 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
         "teacher_entropy": round(output.teacher_entropy, 6),
         "teacher_kl_uniform": round(output.teacher_kl_uniform, 6),
         "masked_fraction": round(output.masked_fraction, 6),
-        "log_k": float(np.log(model.config.loss.out_dim)),
-        "skipped": not math.isfinite(loss.item()),
+        "log_k": float(np.log(core.config.loss.out_dim)),
+        "skipped": skipped,
+        "stop_requested": bool(reduced[-1] > 0),
     }
-    if record["skipped"]:
-        optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
+    if skipped:
         return record
 
-    optimizer.zero_grad(set_to_none=True)
+    core.update_centers(output.center_logits)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.student.parameters(), clip_grad)
+    torch.nn.utils.clip_grad_norm_(core.student.parameters(), clip_grad)
     if step < frozen_last_layer_steps:
-        for parameter in model.student.last_layers():
+        for parameter in core.student.last_layers():
             parameter.grad = None
     optimizer.step()
-    model.update_teacher(float(momentum_schedule[step]))
+    core.update_teacher(float(momentum_schedule[step]))
     return record
+
+
+def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return a MONAI ``MetaTensor`` as a plain tensor, so that no metadata follows it through the model."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor

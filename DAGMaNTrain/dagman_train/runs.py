@@ -98,6 +98,19 @@ class MetricsLog:
         self.path = path
         self.stream = open(path, "a" if append else "w", encoding="utf-8")
 
+    def truncate_from(self, step: int) -> None:
+        """Drop the lines of ``step`` and later, which a resumed run writes again."""
+        self.stream.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] < step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+        self.stream = open(self.path, "a", encoding="utf-8")
+
     def write(self, record: dict) -> None:
         self.stream.write(json.dumps(finite_record(record)) + "\n")
         self.stream.flush()

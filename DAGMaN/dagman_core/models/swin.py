@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 
@@ -57,6 +58,8 @@ class SwinBackbone(nn.Module):
         self.swin = build_swin(config, drop_path)
         self.mask_token = nn.Parameter(torch.zeros(1, config.embed_dim, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        # Recompute each stage in the backward pass instead of storing its activations (set by the trainer).
+        self.checkpoint_activations = False
 
     @property
     def stage_channels(self) -> list[int]:
@@ -99,7 +102,11 @@ class SwinBackbone(nn.Module):
 
         outputs = [swin.proj_out(patches, True)]
         hidden = patches
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4)[:last_stage]:
-            hidden = layer[0](hidden.contiguous())
+            if recompute:
+                hidden = checkpoint(layer[0], hidden.contiguous(), use_reentrant=False)
+            else:
+                hidden = layer[0](hidden.contiguous())
             outputs.append(swin.proj_out(hidden, True))
         return outputs

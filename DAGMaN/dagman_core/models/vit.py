@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .semantic_attention import Block, cls_attention_to_s_att, resize_position_embedding, sincos_position_embedding_3d
@@ -39,6 +40,8 @@ class ViTBackbone(nn.Module):
         rates = torch.linspace(0.0, final_rate, config.vit_depth).tolist()
         self.blocks = nn.ModuleList(Block(width, config.vit_heads, config.vit_mlp_ratio, rate) for rate in rates)
         self.norm = nn.LayerNorm(width)
+        # Recompute each block in the backward pass instead of storing its activations (set by the trainer).
+        self.checkpoint_activations = False
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Return the parameters counted as the backbone: all but the mask token."""
@@ -73,8 +76,13 @@ class ViTBackbone(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         hidden, cls_attention = [], None
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks):
-            tokens, cls_attention = block(tokens, return_cls_attention=index == len(self.blocks) - 1)
+            is_last = index == len(self.blocks) - 1
+            if recompute:
+                tokens, cls_attention = checkpoint(block, tokens, is_last, use_reentrant=False)
+            else:
+                tokens, cls_attention = block(tokens, return_cls_attention=is_last)
             hidden.append(tokens)
         tokens = self.norm(tokens)
 
