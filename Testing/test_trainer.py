@@ -189,3 +189,60 @@ def test_cache_is_reused_across_runs(two_blocks: Path, tmp_path: Path):
     assert sorted(path.name for path in cache.rglob("*.pt")) == cached
     assert not (tmp_path / "second" / "cache").exists()
     shutil.rmtree(cache)
+
+
+def test_torchrun_finetune_writes_one_model(ct_data: Path, tmp_path: Path):
+    from conftest import write_tumor_block
+
+    datalist = write_tumor_block(ct_data, tmp_path)
+    run_dagman("pretrain", "--config", "tiny_cpu", *settings(), "--datalist", str(datalist), "--output", str(tmp_path / "pretrain"), "--max-steps", "1")
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dagman_train.cli",
+               "finetune", "--pretrained", str(tmp_path / "pretrain"), "--datalist", str(datalist),
+               "--output", str(tmp_path / "finetune"), "--max-steps", "2"]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == 0, f"torchrun finetune failed:\n{process.stdout}\n{process.stderr}"
+
+    info = json.loads((tmp_path / "finetune" / "finetune.json").read_text())
+    assert info["steps"] == 2
+    assert len((tmp_path / "finetune" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "finetune" / "segmenter.safetensors").stat().st_size > 0
+
+
+def test_retention_keeps_last_and_every_nth(tmp_path: Path):
+    from dagman_train.checkpoints import list_checkpoints, save_checkpoint
+
+    for step in range(1, 13):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=3, keep_every=5)
+
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [5, 10, 11, 12]
+
+
+def test_unreadable_newest_checkpoint_falls_back(tmp_path: Path):
+    from dagman_train.checkpoints import checkpoint_path, load_latest_checkpoint, save_checkpoint
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=5, keep_every=100)
+    checkpoint_path(tmp_path, 2).write_bytes(b"cut short")
+
+    state, path = load_latest_checkpoint(tmp_path)
+
+    assert state["step"] == 1
+    assert path == checkpoint_path(tmp_path, 1)
+
+
+def test_tensorboard_receives_step_scalars(two_blocks: Path, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dagman_core.config import load_config
+    from dagman_train.pretrain import pretrain
+
+    pretrain(load_config("tiny_cpu", overrides=SETTINGS), two_blocks, tmp_path / "run", max_steps=2, show_progress=False)
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "amip", "ampd", "aitd", "gitd", "lr", "weight_decay", "ema_momentum", "teacher_entropy",
+                 "teacher_kl_uniform", "masked_fraction", "volumes_per_second"):
+        assert f"pretrain/{name}" in tags
+    assert [event.step for event in events.Scalars("pretrain/loss")] == [0, 1]

@@ -53,6 +53,8 @@ def _finetune(arguments: argparse.Namespace) -> int:
     from .finetune import finetune_segmentation
 
     summary = finetune_segmentation(arguments.pretrained, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
+    if "seconds" not in summary:
+        return 0
     print(f"fine-tuned {summary['steps']} steps in {summary['seconds']} s (final loss {summary['final_loss']:.4f}); run folder: {arguments.output}")
     return 0
 

@@ -13,13 +13,14 @@ from monai.data import CacheDataset, DataLoader
 from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from dagman_core.data.datalist import label_names, load_datalist
 from dagman_core.data.transforms import segmentation_transforms
-from dagman_core.inference.pipeline import resolve_device
 from dagman_core.models.segmentation import build_segmenter
 from dagman_core.schedules import cosine_schedule
 
+from .distributed import DistributedContext, setup_distributed
 from .pretrain import ENCODER_FILE, parameter_groups
 from .runs import MetricsLog, atomic_save_safetensors, atomic_write_text, progress_bar, read_run_config, seed_everything, write_config
 
@@ -44,15 +45,26 @@ def finetune_segmentation(
     crop size, batch size and learning rate from its ``finetune`` section. Label names come from the
     datalist's ``labels`` mapping (``{"1": "Lung tumor"}`` when it has none).
 
+    Under torchrun each process draws its own crops and DistributedDataParallel averages the gradients,
+    so a step sees ``finetune.batch_size`` crops per process; rank 0 alone writes the run folder.
+
     Returns:
         The run summary written to ``finetune.json``.
     """
-    pretrained_run, run_dir = Path(pretrained_run), Path(output_dir)
+    context = setup_distributed(device)
+    try:
+        return _finetune(context, Path(pretrained_run), Path(datalist), Path(output_dir), max_steps, show_progress)
+    finally:
+        context.close()
+
+
+def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path, run_dir: Path, max_steps, show_progress) -> dict:
     config = read_run_config(pretrained_run)
     encoder_path = pretrained_run / ENCODER_FILE
     if not encoder_path.exists():
         raise FileNotFoundError(f"pretrained encoder not found: {encoder_path}; run 'dagman pretrain' first")
-    torch_device = resolve_device(device)
+    torch_device = context.device
+    seed = config.train.seed + context.rank
     seed_everything(config.train.seed)
     settings = config.finetune
 
@@ -65,18 +77,25 @@ def finetune_segmentation(
     names = {value: name for value, name in names.items() if value != 0}
     num_classes = max(names) + 1
     deterministic, random_crops = segmentation_transforms(config, samples_per_volume=settings.batch_size)
-    transform = Compose([*deterministic.transforms, *random_crops.transforms]).set_random_state(config.train.seed)
+    transform = Compose([*deterministic.transforms, *random_crops.transforms]).set_random_state(seed)
     dataset = CacheDataset(cases, transform, progress=False)
     _check_label_values(dataset, num_classes)
-    loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(config.train.seed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config)
 
     # Model: encoder and SA block from pretraining, decoder from scratch.
     model = build_segmenter(config, num_classes=num_classes, drop_path=0.1)
     model.load_pretrained_encoder(load_file(str(encoder_path)))
     # Channels-last 3D convolutions run about a third faster on CPU (oneDNN) and on recent GPUs.
     model.to(torch_device, memory_format=torch.channels_last_3d).train()
+    # The SA block only maps attention at inference; it keeps its pretrained weights.
+    if getattr(model, "sa", None) is not None:
+        model.sa.requires_grad_(False)
+    forward = model
+    if context.is_distributed:
+        forward = DistributedDataParallel(model)
 
     total_steps = settings.steps if max_steps is None else max_steps
     optimizer = torch.optim.AdamW(parameter_groups(model), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -84,8 +103,8 @@ def finetune_segmentation(
     # Dice over the whole batch, so that crops without any label voxel still give a stable gradient.
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", append=False)
-    bar = progress_bar(total_steps, "fine-tune", show_progress)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", append=False) if context.is_main else None
+    bar = progress_bar(total_steps, "fine-tune", show_progress and context.is_main)
     started, step, loss_value = time.perf_counter(), 0, float("nan")
     try:
         while step < total_steps:
@@ -97,8 +116,8 @@ def finetune_segmentation(
                 images = batch["image"].as_tensor().to(torch_device, memory_format=torch.channels_last_3d)
                 labels = batch["label"].as_tensor().to(torch_device).long()
 
-                loss = loss_function(model(images), labels)
-                loss_value = loss.item()
+                loss = loss_function(forward(images), labels)
+                loss_value = float(context.sum(loss.detach()[None])[0]) / context.world_size
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"fine-tuning loss is {loss_value} at step {step}; lower finetune.lr")
                 optimizer.zero_grad(set_to_none=True)
@@ -106,14 +125,19 @@ def finetune_segmentation(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
                 optimizer.step()
 
-                metrics.write({"step": step, "loss": round(loss_value, 6), "lr": float(lr_schedule[step])})
+                if metrics is not None:
+                    metrics.write({"step": step, "loss": round(loss_value, 6), "lr": float(lr_schedule[step])})
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 bar.update(1)
                 step += 1
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
+    if not context.is_main:
+        context.barrier()
+        return {"steps": step}
     atomic_save_safetensors(model.state_dict(), run_dir / MODEL_FILE)
     summary = {
         "task": "segmentation",
@@ -126,6 +150,7 @@ def finetune_segmentation(
         "training_data": {"datalist": str(Path(datalist).resolve()), "cases": len(cases)},
     }
     atomic_write_text(run_dir / RUN_INFO, json.dumps(summary, indent=2) + "\n")
+    context.barrier()
     return summary
 
 
