@@ -203,6 +203,8 @@ def test_every_preset_pretrains_two_steps(preset, block_datalist: Path, tmp_path
         ["model.sa_stage=4"],
         ["model.backbone=vit", "loss.heads=shared", "masking.attention_source=student"],
         ["loss.ampd=false", "loss.aitd=false", "loss.gitd=false"],
+        ["train.precision=bf16", "train.checkpoint_activations=true"],
+        ["model.backbone=vit", "train.checkpoint_activations=true"],
     ],
     ids=lambda overrides: ",".join(overrides),
 )
