@@ -122,7 +122,8 @@ def test_resume_after_kill_repeats_losses(two_blocks: Path, tmp_path: Path):
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
-def test_sigterm_saves_checkpoint_and_exits_cleanly(two_blocks: Path, tmp_path: Path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_checkpoint(stop_signal, two_blocks: Path, tmp_path: Path):
     run = tmp_path / "run"
     process = subprocess.Popen(
         dagman_command("pretrain", "--config", "tiny_cpu", *settings("train.checkpoint_every_steps=1000"),
@@ -134,13 +135,13 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(two_blocks: Path, tmp_path: 
         time.sleep(0.05)
     while time.monotonic() < deadline and len((run / "metrics.jsonl").read_text().splitlines()) < 2:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     stdout, stderr = process.communicate(timeout=300)
 
     assert process.returncode == 0, stderr
     assert "continue with --resume" in stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped"] == "SIGTERM"
+    assert summary["stopped"] == stop_signal.name
     checkpoints = sorted((run / "checkpoints").glob("checkpoint-*.pt"))
     assert len(checkpoints) == 1
     state = torch.load(checkpoints[0], weights_only=False)
