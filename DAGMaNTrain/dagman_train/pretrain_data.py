@@ -31,6 +31,9 @@ def cache_folder(config: DAGMaNConfig, run_dir: Path) -> Path:
 
     The folder name carries the spacing and HU window, so runs with other preprocessing never read
     each other's cached volumes.
+
+    NOTE: MONAI keys each cached volume by its datalist entry (the path), not by the file's content;
+    after replacing a file in place, delete the cache folder.
     """
     data = config.data
     root = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / "cache"
