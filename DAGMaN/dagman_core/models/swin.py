@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 
@@ -58,13 +57,29 @@ class SwinBackbone(nn.Module):
         self.swin = build_swin(config, drop_path)
         self.mask_token = nn.Parameter(torch.zeros(1, config.embed_dim, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        # Recompute each stage in the backward pass instead of storing its activations (set by the trainer).
-        self.checkpoint_activations = False
 
     @property
     def stage_channels(self) -> list[int]:
         """Channels of the five outputs: patch embedding, then stages 1-4."""
         return [self.config.embed_dim * 2**index for index in range(5)]
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Whether the Swin blocks recompute their activations in the backward pass instead of storing them.
+
+        MONAI's blocks checkpoint their attention and MLP parts separately, so the backward pass holds
+        the activations of one part at a time, not those of a whole stage.
+        """
+        return all(block.use_checkpoint for block in self._blocks())
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        for block in self._blocks():
+            block.use_checkpoint = enabled
+
+    def _blocks(self) -> list[nn.Module]:
+        swin = self.swin
+        return [block for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4) for block in layer[0].blocks]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Return the parameters counted as the backbone: the patch embedding and the four stages."""
@@ -102,11 +117,7 @@ class SwinBackbone(nn.Module):
 
         outputs = [swin.proj_out(patches, True)]
         hidden = patches
-        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for layer in (swin.layers1, swin.layers2, swin.layers3, swin.layers4)[:last_stage]:
-            if recompute:
-                hidden = checkpoint(layer[0], hidden.contiguous(), use_reentrant=False)
-            else:
-                hidden = layer[0](hidden.contiguous())
+            hidden = layer[0](hidden.contiguous())
             outputs.append(swin.proj_out(hidden, True))
         return outputs
