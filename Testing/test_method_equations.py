@@ -58,7 +58,7 @@ def test_s_att_drops_cls_column_without_renormalising():
     torch.testing.assert_close(s_att.sum(dim=1), torch.tensor([0.8, 0.4]))
 
 
-def test_attention_returns_the_cls_softmax_row_over_all_keys():
+def test_attention_cls_row_over_all_keys():
     attention = Attention(dim=2, num_heads=1)
     with torch.no_grad():
         # q = k = v = tokens and an identity output projection.
@@ -120,7 +120,7 @@ def test_masked_cell_count_subtracts_hints():
         masked_cell_count(512, 0.7, 0.1, "bottom")
 
 
-def test_top_hints_mask_ranks_2_to_13_of_20():
+def test_top_hints_mask_ranks_2_to_13():
     scores = torch.cat([scores_from_ranking(RANKING_20), scores_from_ranking(RANKING_20[::-1])])
 
     mask = attention_guided_mask(scores, ratio=0.7, hint_ratio=0.1, hints="top", generator=seeded(0))
@@ -137,7 +137,7 @@ def test_top_hints_mask_ranks_2_to_13_of_20():
     assert not mask[1, [19, 12, 0, 15, 3, 7]].any()
 
 
-def test_sampled_hints_reveal_cells_only_from_the_top_band():
+def test_sampled_hints_come_from_top_band():
     # N = 512: k = floor(0.7 * 512) = 358, h = floor(0.1 * 512) = 51, floor(0.1 * 0.7 * 512) = 35 revealed.
     revealed_sets = []
     for seed in range(4):
@@ -157,7 +157,7 @@ def test_sampled_hints_reveal_cells_only_from_the_top_band():
     assert len(set(revealed_sets)) > 1
 
 
-def test_attention_high_mask_hides_the_top_half_without_hints():
+def test_attention_high_masks_top_cells():
     mask = attention_high_mask(scores_from_ranking(RANKING_20), ratio=0.5, generator=seeded(0))
 
     # floor(0.5 * 20) = 10: ranks 0..9 are cells 7, 3, 15, 0, 12, 19, 5, 9, 1, 17.
@@ -171,7 +171,7 @@ def test_attention_low_mask_hides_the_least_attended_cells():
     assert masked_cells(mask[0]) == [6, 11, 13, 16, 18]
 
 
-def test_random_mask_hides_floor_of_ratio_cells_differently_per_image():
+def test_random_mask_count_per_image():
     mask = random_mask(4, 64, 0.7, generator=seeded(0))
 
     # floor(0.7 * 64) = floor(44.8) = 44 per image.
@@ -212,7 +212,7 @@ def test_flood_fill_counts_face_connected_components():
     assert sorted(component_sizes(mask.flatten(), (2, 2, 2))) == [1, 2]
 
 
-def test_block_mask_forms_much_larger_components_than_random_mask():
+def test_block_mask_components_larger_than_random():
     grid = (8, 8, 8)
 
     blocks = block_mask(8, grid, 0.3, min_cells=4, min_aspect=0.3, generator=seeded(0))
@@ -229,7 +229,7 @@ def test_block_mask_forms_much_larger_components_than_random_mask():
     assert max(len(component_sizes(row, grid)) for row in blocks) <= 8
 
 
-def test_block_mask_of_8_cells_is_one_2x2x2_cube():
+def test_block_mask_8_cells_is_cube():
     # floor(0.015625 * 512) = 8 <= min_cells = 8, so the box volume is drawn from [8, 8]. min_aspect = 1
     # forces both aspect ratios to 1: side round(8^(1/3)) = 2, one 2x2x2 box covers the target at once.
     for seed in range(5):
@@ -246,7 +246,7 @@ def test_block_mask_of_8_cells_is_one_2x2x2_cube():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_patch_dropout_drops_floor_of_ratio_patches_independently_per_view():
+def test_patch_dropout_count_per_view():
     drop = patch_dropout(3, (4, 4, 4), 0.7, generator=seeded(0))
 
     # floor(0.7 * 64) = 44 of the 64 patches of each view.
@@ -301,7 +301,7 @@ def test_masked_patch_mean_averages_each_image_first():
     assert masked_patch_mean(per_cell, cell_mask).item() == pytest.approx(3.0)
 
 
-def test_masked_l1_ignores_unmasked_voxels_and_pools_over_the_batch():
+def test_masked_l1_ignores_unmasked_voxels():
     target = torch.zeros(2, 1, 2, 2, 1)
     prediction = torch.tensor([[1.0, 50.0, 50.0, 50.0], [2.0, -2.0, 2.0, 70.0]]).reshape(2, 1, 2, 2, 1)
     voxel_mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]).reshape(2, 1, 2, 2, 1)
@@ -518,7 +518,7 @@ def test_codistillation_pairs_views_as_the_equations_say():
     assert output.masked_fraction == pytest.approx(7 / 256)
 
 
-def test_centers_move_a_tenth_towards_the_teacher_mean_after_the_step():
+def test_centers_move_a_tenth_per_step():
     model = ScriptedCoDistillation(load_config("tiny_cpu"), TEACHER_OUTPUTS, student_outputs(), CELL_MASKS)
 
     model(VIEW_U, VIEW_V, teacher_temperature=TEACHER_TEMPERATURE, generator=seeded(0))
@@ -531,7 +531,7 @@ def test_centers_move_a_tenth_towards_the_teacher_mean_after_the_step():
         torch.testing.assert_close(getattr(model.centers, name), expected)
 
 
-def test_codistillation_without_gitd_drops_the_term_from_the_total():
+def test_total_without_gitd_term():
     config = load_config("tiny_cpu", overrides=["loss.gitd=false"])
     model = ScriptedCoDistillation(config, TEACHER_OUTPUTS, student_outputs(), CELL_MASKS)
 
@@ -571,7 +571,7 @@ def test_cosine_weight_decay_passes_the_midpoint_halfway():
     assert schedule[100] == pytest.approx(0.4)
 
 
-def test_cosine_learning_rate_warms_up_linearly_then_decays_to_the_end_value():
+def test_learning_rate_warmup_then_cosine():
     schedule = cosine_schedule(1e-3, 1e-6, total_steps=21, warmup_steps=10, warmup_start=0.0)
 
     # Warmup: 0, 1e-4, ..., 9e-4 (10 steps, the start value excluded). Cosine over the other 11 steps:

@@ -235,37 +235,11 @@ class StudentOnly:
         self.temperature = loss.teacher_temperature
 
     def loss(self, generator):
-        from dagman_core.losses import distillation_cross_entropy, masked_l1, masked_patch_mean
-        from dagman_core.masking import cells_to_voxels
-
-        model, views, targets = self.model, self.views, self.targets
-        loss = model.config.loss
+        model, views = self.model, self.views
         masks = [model.make_mask(view, scores, generator) for view, scores in zip(views, self.scores)]
         student = [model._student_pass(view, mask) for view, mask in zip(views, masks)]
-
-        def cross_entropy(role, target, student_logits):
-            return distillation_cross_entropy(
-                target, student_logits, getattr(model.centers, role), self.temperature, loss.student_temperature
-            )
-
-        terms = {}
-        if loss.aitd:
-            terms["aitd"] = 0.5 * sum(cross_entropy("cls", targets[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
-        if loss.ampd:
-            terms["ampd"] = 0.5 * sum(
-                masked_patch_mean(cross_entropy("patch", targets[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
-                for i in (0, 1)
-            )
-        if loss.gitd:
-            terms["gitd"] = 0.5 * sum(
-                cross_entropy("global", targets[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1)
-            )
-        if loss.amip:
-            terms["amip"] = 0.5 * sum(
-                masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], model.cell_voxels))
-                for i in (0, 1)
-            )
-        return sum(getattr(loss, f"{name}_weight") * value for name, value in terms.items())
+        terms = model.loss_terms(views, self.targets, student, masks, self.temperature)
+        return model.weighted_total(terms)
 
 
 def run_row(spec: dict) -> dict:

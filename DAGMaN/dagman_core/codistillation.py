@@ -103,7 +103,7 @@ class StepOutput:
     ``teacher_entropy`` is the mean entropy of the teacher's centred, sharpened [CLS] distribution (the
     first enabled head when AITD is off) and ``teacher_kl_uniform`` its KL divergence to the uniform
     distribution, ln K - entropy. Entropy near ln K means a uniform teacher; KL near ln K a one-hot one.
-    Both are NaN when no distillation term is on. ``center_logits`` holds the teacher's logits per
+    Both are NaN when no distillation term is on. ``center_logits`` contains the teacher's logits per
     role, (tokens, K), for ``CoDistillation.update_centers``.
     """
 
@@ -237,8 +237,8 @@ class CoDistillation(nn.Module):
                 depend on the other images of the batch, so a batch split over several processes gets
                 the masks of the same batch in one process.
             update_centers: move the centers towards this step's teacher logits when the loss is finite.
-                A multi-process trainer passes False and calls ``update_centers`` once every process
-                knows that all losses are finite, because the update all-reduces across processes.
+                A multi-process trainer passes False and calls ``update_centers`` once all processes
+                have confirmed that their losses are finite, because the update all-reduces across processes.
         """
         config, loss = self.config, self.config.loss
         views = (view_u, view_v)
@@ -253,30 +253,8 @@ class CoDistillation(nn.Module):
         ]
         student = [self._student_pass(view, mask) for view, mask in zip(views, masks)]
 
-        def cross_entropy(role: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-            return distillation_cross_entropy(
-                teacher_logits, student_logits, getattr(self.centers, role), teacher_temperature, loss.student_temperature
-            )
-
-        # AITD and GITD pair each student view with the teacher's other view; AMPD pairs the same view.
-        terms: dict[str, torch.Tensor] = {}
-        if loss.aitd:
-            terms["aitd"] = 0.5 * sum(cross_entropy("cls", teacher[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
-        if loss.ampd:
-            terms["ampd"] = 0.5 * sum(
-                masked_patch_mean(cross_entropy("patch", teacher[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
-                for i in (0, 1)
-            )
-        if loss.gitd:
-            terms["gitd"] = 0.5 * sum(
-                cross_entropy("global", teacher[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1)
-            )
-        if loss.amip:
-            terms["amip"] = 0.5 * sum(
-                masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], self.cell_voxels))
-                for i in (0, 1)
-            )
-        total = sum(getattr(loss, f"{name}_weight") * value for name, value in terms.items())
+        terms = self.loss_terms(views, teacher, student, masks, teacher_temperature)
+        total = self.weighted_total(terms)
 
         entropy = float("nan")
         center_logits = {}
@@ -296,6 +274,54 @@ class CoDistillation(nn.Module):
             teacher_kl_uniform=math.log(loss.out_dim) - entropy,
             center_logits=center_logits,
         )
+
+    def loss_terms(
+        self,
+        views: tuple[torch.Tensor, torch.Tensor],
+        targets: list[dict],
+        student: list[dict],
+        masks: list[torch.Tensor],
+        teacher_temperature: float,
+    ) -> dict[str, torch.Tensor]:
+        """Compute the enabled loss terms of both views, each averaged over the two views.
+
+        Args:
+            views: the two crops (B, 1, X, Y, Z), which AMIP reconstructs.
+            targets: per view, the teacher's head outputs by role (``cls``, ``patch``, ``global``).
+            student: per view, the student's head outputs by role and ``reconstruction``.
+            masks: per view, the (B, n_x, n_y, n_z) cell mask the student saw.
+            teacher_temperature: the teacher's sharpening temperature at this step.
+        """
+        loss = self.config.loss
+
+        def cross_entropy(role: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+            return distillation_cross_entropy(
+                teacher_logits, student_logits, getattr(self.centers, role), teacher_temperature, loss.student_temperature
+            )
+
+        # AITD and GITD pair each student view with the teacher's other view; AMPD pairs the same view.
+        terms: dict[str, torch.Tensor] = {}
+        if loss.aitd:
+            terms["aitd"] = 0.5 * sum(cross_entropy("cls", targets[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
+        if loss.ampd:
+            terms["ampd"] = 0.5 * sum(
+                masked_patch_mean(cross_entropy("patch", targets[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
+                for i in (0, 1)
+            )
+        if loss.gitd:
+            terms["gitd"] = 0.5 * sum(
+                cross_entropy("global", targets[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1)
+            )
+        if loss.amip:
+            terms["amip"] = 0.5 * sum(
+                masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], self.cell_voxels))
+                for i in (0, 1)
+            )
+        return terms
+
+    def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return the sum of each term times its ``loss.<term>_weight``."""
+        return sum(getattr(self.config.loss, f"{name}_weight") * value for name, value in terms.items())
 
     @torch.no_grad()
     def update_centers(self, center_logits: dict[str, torch.Tensor]) -> None:

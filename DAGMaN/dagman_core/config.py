@@ -58,7 +58,7 @@ class ModelConfig:
 class DataConfig:
     """Preprocessing: RAS orientation, isotropic spacing in mm and the HU window scaled to [0, 1].
 
-    ``cache_dir`` holds each volume's preprocessed copy on disk (default: ``cache`` in the run folder);
+    ``cache_dir`` stores each volume's preprocessed copy on disk (default: ``cache`` in the run folder);
     runs that share a cache folder preprocess each volume once. ``num_workers`` loader processes read
     and crop volumes.
     """
@@ -347,8 +347,8 @@ def preset_names() -> list[str]:
 def _read_values(preset_or_path: str | os.PathLike, with_base: bool = True, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read the raw values of a preset or YAML file.
 
-    With ``with_base`` the file's values are merged over those of the ``base`` preset it names;
-    without, only the keys written in the file itself are returned.
+    With ``with_base`` the file's values are merged over those of the ``base`` preset it names.
+    Without it, only the keys written in the file itself are returned.
     """
     path = Path(preset_or_path)
     if not path.suffix and not path.is_file():
@@ -406,8 +406,8 @@ def load_config(*sources: str | os.PathLike, overrides: tuple[str, ...] | list[s
 
     The first source is read whole, including the preset it names as ``base``. Each later source
     changes only the keys written in its own file, so ``smit tiny_cpu`` is SMIT at tiny_cpu's sizes.
-    With several sources the run is named after all of them (``smit+tiny_cpu``, each file by its
-    ``name`` key or else its file name); ``--set name=...`` chooses another.
+    With several sources the run is named after all of them, e.g. ``smit+tiny_cpu``. Each file
+    contributes its ``name`` key or else its file name, and ``--set name=...`` chooses another.
 
     Args:
         sources: preset names (e.g. ``dagman_swin``) or YAML file paths, merged left to right.

@@ -152,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     # Under torchrun only rank 0 reports progress; the other ranks log warnings and errors.
-    quiet = os.environ.get("RANK", "0") != "0"
+    level = logging.DEBUG if arguments.verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.DEBUG if arguments.verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

@@ -46,7 +46,7 @@ def finetune_segmentation(
     datalist's ``labels`` mapping (``{"1": "Lung tumor"}`` when it has none).
 
     Under torchrun each process draws its own crops and DistributedDataParallel averages the gradients,
-    so a step sees ``finetune.batch_size`` crops per process; rank 0 alone writes the run folder.
+    so a step uses ``finetune.batch_size`` crops per process. Rank 0 alone writes the run folder.
 
     Returns:
         The run summary written to ``finetune.json``.

@@ -32,8 +32,8 @@ def cache_folder(config: DAGMaNConfig, run_dir: Path) -> Path:
     The folder name carries the spacing and HU window, so runs with other preprocessing never read
     each other's cached volumes.
 
-    NOTE: MONAI keys each cached volume by its datalist entry (the path), not by the file's content;
-    after replacing a file in place, delete the cache folder.
+    NOTE: MONAI keys each cached volume by its datalist entry (the path), not by the file's content.
+    After replacing a file in place, delete the cache folder.
     """
     data = config.data
     root = Path(data.cache_dir) if data.cache_dir else Path(run_dir) / "cache"
@@ -101,7 +101,7 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yield this process's batch of sample indices for each step from ``start_step`` to ``total_steps``.
 
     Each epoch shuffles the volumes with a seed of its own and cuts them into global batches of
-    ``batch_size * world_size``; the last batch of an epoch wraps around to the epoch's start. Process
+    ``batch_size * world_size``. The last batch of an epoch wraps around to the epoch's start. Process
     ``rank`` takes every ``world_size``-th sample of each global batch, so one process with batch
     ``B * W`` sees the same samples per step as ``W`` processes with batch ``B``.
     """
