@@ -112,3 +112,32 @@ def test_codistillation_step_reduces_loss_terms_to_scalars():
     assert output.masked_fraction == pytest.approx(38 / 64)
     expected = output.terms["amip"] + 0.1 * (output.terms["ampd"] + output.terms["aitd"] + output.terms["gitd"])
     assert output.total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_backward_one_view_at_a_time_gives_the_joint_gradient():
+    torch.manual_seed(0)
+    model = CoDistillation(load_config("tiny_cpu", overrides=["model.drop_path=0.0"]))
+    model.train()
+    views = torch.rand(2, 2, 1, 64, 64, 64)
+
+    joint = model(views[0], views[1], 0.04, torch.Generator().manual_seed(3), update_centers=False)
+    joint.total.backward()
+    joint_gradients = {name: p.grad.clone() for name, p in model.student.named_parameters() if p.grad is not None}
+    model.student.zero_grad(set_to_none=True)
+
+    prepared = model.prepare(views[0], views[1], 0.04, torch.Generator().manual_seed(3))
+    halves = []
+    for index in (0, 1):
+        half = model.view_loss(prepared, index)
+        model.weighted_total(half).backward()
+        halves.append(half)
+
+    # The halves sum to the joint terms and their gradients accumulate to the joint gradient.
+    for name, value in joint.terms.items():
+        torch.testing.assert_close(halves[0][name].detach() + halves[1][name].detach(), value, rtol=1e-5, atol=1e-6)
+    assert len(joint_gradients) > 100
+    for name, parameter in model.student.named_parameters():
+        if name in joint_gradients:
+            torch.testing.assert_close(parameter.grad, joint_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            assert parameter.grad is None, name

@@ -1,11 +1,11 @@
 """Measure the time and peak memory of one DAGMaN pretraining step against a student-only step.
 
-A DAGMaN step is the trainer's step. It runs zero_grad and the co-distillation forward pass: two
-no-grad teacher passes on patch-dropped views, attention-guided masks, two student passes, the four
-losses and the center update. Then it runs backward, gradient clipping at 3.0, AdamW and the EMA
-teacher update.
+A DAGMaN step is the trainer's step. It runs zero_grad, then ``CoDistillation.prepare``: two no-grad
+teacher passes on patch-dropped views and the attention-guided masks. Then, one view at a time, the
+student pass, that view's half of the four losses and its backward, so that one view's activations
+are held at a time. Gradient clipping at 3.0, AdamW, the center update and the EMA teacher update end it.
 
-A student-only step runs the same student passes, heads and losses on masks built the same way, but
+A student-only step runs the same student passes, heads, losses and backward on masks built the same way, but
 against fixed random targets drawn once with the shapes of the teacher's head outputs and against
 fixed random attention scores. It has no teacher pass, no center update and no EMA update, so the
 ratio of the two times is the cost of the teacher.
@@ -49,8 +49,9 @@ INTRO = """# Pretraining step benchmarks
 
 Each section below was written by `benchmarks/pretrain_step.py`. It compares one DAGMaN pretraining
 step with a student-only step. The DAGMaN step is the trainer's step: two no-grad teacher passes on
-patch-dropped views, attention-guided masks, two student passes, the four losses (AITD, AMPD, GITD,
-AMIP), backward, gradient clipping, AdamW and the EMA teacher update. The student-only step runs the
+patch-dropped views, attention-guided masks, then per view the student pass, the four losses (AITD,
+AMPD, GITD, AMIP) and backward, then gradient clipping, AdamW, the center update and the EMA teacher
+update. The student-only step runs the
 same student passes, heads and losses on masks of the same kind. It scores them against fixed random
 targets, so it has no teacher pass, no center update and no EMA update. The ratio of the two times
 is the cost of the teacher.
@@ -160,12 +161,11 @@ class PartTimer:
 
 
 def instrument(model, timer: PartTimer) -> None:
-    """Wrap the parts of ``CoDistillation.forward`` so that ``timer`` splits a step into them.
+    """Wrap the parts of ``CoDistillation.prepare`` and ``view_loss`` so that ``timer`` splits a step into them.
 
-    ``forward`` itself is wrapped too, so the part of it that no wrapper covers (the loss terms, the
-    teacher entropy and the masked fraction) is reported as the rest of the forward pass.
+    The step times ``prepare`` and ``view_loss`` as wholes too, so the part of each that no wrapper
+    covers is reported on its own line: bookkeeping in ``prepare``, the loss terms in ``view_loss``.
     """
-    timer.wrap(model, "forward", "forward (total)")
     timer.wrap(model, "_teacher_dropout", "teacher patch dropout draw")
     timer.wrap(model.teacher.encoder, "forward", "teacher encoder (no grad)")
     for name, head in model.teacher.heads.items():
@@ -177,27 +177,22 @@ def instrument(model, timer: PartTimer) -> None:
         timer.wrap(head, "forward", f"student head {name} forward")
     if model.student.reconstruction_head is not None:
         timer.wrap(model.student.reconstruction_head, "forward", "student reconstruction head forward")
-    timer.wrap(model.centers, "update", "center update")
 
 
-FORWARD_PARTS = (
-    "teacher patch dropout draw",
-    "teacher encoder (no grad)",
-    "ranking scores",
-    "mask building",
-    "student encoder forward",
-    "center update",
-)
+PREPARE_PARTS = ("teacher patch dropout draw", "teacher encoder (no grad)", "ranking scores", "mask building")
 
 
 def split_forward(parts: dict[str, float]) -> dict[str, float]:
-    """Replace the forward total by the time that no wrapped part inside it accounts for."""
+    """Replace the ``prepare`` and ``view_loss`` totals by the time that no wrapped part inside them covers."""
     parts = dict(parts)
-    total = parts.pop("forward (total)", None)
-    if total is None:
-        return parts
-    covered = sum(value for name, value in parts.items() if name in FORWARD_PARTS or " head " in name)
-    parts["rest of forward (losses, entropy, bookkeeping)"] = total - covered
+    prepare = parts.pop("prepare (total)", None)
+    view_losses = parts.pop("view losses (total)", None)
+    if prepare is not None:
+        covered = sum(value for name, value in parts.items() if name in PREPARE_PARTS or name.startswith("teacher head"))
+        parts["rest of prepare (bookkeeping)"] = prepare - covered
+    if view_losses is not None:
+        covered = sum(value for name, value in parts.items() if name.startswith("student "))
+        parts["loss terms"] = view_losses - covered
     return parts
 
 
@@ -206,9 +201,8 @@ class StudentOnly:
 
     The targets have the shapes of the teacher's head outputs: ``cls`` and ``global`` (B, K), ``patch``
     (B, N, K). The masks are rebuilt every step by ``model.make_mask`` from fixed random scores, so mask
-    building costs the same as in the DAGMaN step. The loss terms and weights follow
-    ``CoDistillation.forward``: AITD and GITD pair each student view with the other view's target,
-    AMPD pairs the same view and averages over masked cells, AMIP is L1 over masked voxels.
+    building costs the same as in the DAGMaN step. ``prepare`` returns them in the form of
+    ``CoDistillation.prepare``, so the step runs the same ``view_loss`` on them.
     """
 
     def __init__(self, model, views, seed: int = 1):
@@ -234,12 +228,16 @@ class StudentOnly:
         self.scores = [torch.rand(batch, cells, generator=random, device=device) if ranked else None for _ in views]
         self.temperature = loss.teacher_temperature
 
-    def loss(self, generator):
+    def prepare(self, generator):
+        """Return the step's views, the fixed targets and freshly built masks, as ``model.prepare`` would."""
+        import torch
+
+        from dagman_core.codistillation import PreparedViews
+
         model, views = self.model, self.views
-        masks = [model.make_mask(view, scores, generator) for view, scores in zip(views, self.scores)]
-        student = [model._student_pass(view, mask) for view, mask in zip(views, masks)]
-        terms = model.loss_terms(views, self.targets, student, masks, self.temperature)
-        return model.weighted_total(terms)
+        with torch.no_grad():
+            masks = [model.make_mask(view, scores, generator) for view, scores in zip(views, self.scores)]
+        return PreparedViews(views, self.targets, masks, self.temperature)
 
 
 def run_row(spec: dict) -> dict:
@@ -281,20 +279,26 @@ def run_row(spec: dict) -> dict:
         return timer.measure(part, function, *args)
 
     def step() -> float:
+        # The trainer's order: the no-grad half, then forward and backward of one student view at a time.
         optimizer.zero_grad(set_to_none=True)
         if student_only is None:
-            # When profiling, instrument() has wrapped model.forward and its parts already.
-            total = model(*views, temperature, generator).total
+            prepared = call("prepare (total)", model.prepare, *views, temperature, generator)
         else:
-            total = call("forward (total)", student_only.loss, generator)
-        value = total.item()
+            prepared = call("prepare (total)", student_only.prepare, generator)
+        value = 0.0
+        for index in (0, 1):
+            half = call("view losses (total)", model.view_loss, prepared, index)
+            total = model.weighted_total(half)
+            value += total.item()
+            call("backward", total.backward)
         if not math.isfinite(value):
             raise FloatingPointError(f"the {spec['mode']} step's loss is {value}, not finite; check the --set overrides")
 
-        call("backward", total.backward)
         call("gradient clipping", torch.nn.utils.clip_grad_norm_, model.student.parameters(), CLIP_GRAD)
         call("AdamW step", optimizer.step)
         if student_only is None:
+            center_logits = model.summarize(prepared, torch.tensor(value), half, update_centers=False).center_logits
+            call("center update", model.update_centers, center_logits)
             call("EMA teacher update", model.update_teacher, EMA_MOMENTUM)
         return value
 
@@ -663,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     if parts:
         section += [
             "Median seconds per step of each part (wrapped with `time.perf_counter`; the teacher's head rows are "
-            "inside its no-grad pass, the student's head rows are forward only, their backward is in `backward`):",
+            "inside its no-grad pass, the student's rows are forward only, their backward is in `backward`):",
             "",
             *parts,
             "",

@@ -115,6 +115,21 @@ class StepOutput:
     center_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class PreparedViews:
+    """The no-grad half of one step, which both student views read.
+
+    ``views`` holds the two crops (B, 1, X, Y, Z); ``targets`` the teacher's head outputs per view by
+    role and its ``s_att`` (B, N), or None per view when no distillation term is on; ``masks`` the
+    student's (B, n_x, n_y, n_z) cell mask per view.
+    """
+
+    views: tuple[torch.Tensor, torch.Tensor]
+    targets: list[dict | None]
+    masks: list[torch.Tensor]
+    temperature: float
+
+
 class CoDistillation(nn.Module):
     """Student, EMA teacher and centers of DAGMaN pretraining and of its baselines and ablations.
 
@@ -219,15 +234,15 @@ class CoDistillation(nn.Module):
             )
         return flat.reshape(batch, *cells)
 
-    def forward(
+    @torch.no_grad()
+    def prepare(
         self,
         view_u: torch.Tensor,
         view_v: torch.Tensor,
         teacher_temperature: float,
         generator: Generators = None,
-        update_centers: bool = True,
-    ) -> StepOutput:
-        """Compute the co-distillation loss for two views of the same CTs.
+    ) -> PreparedViews:
+        """Run the no-grad half of a step: teacher dropout, teacher passes and the student's masks.
 
         Args:
             view_u, view_v: (B, 1, X, Y, Z) random crops of the same volumes, scaled to [0, 1].
@@ -236,44 +251,79 @@ class CoDistillation(nn.Module):
                 of B generators, one per image. With one generator per image, an image's masks do not
                 depend on the other images of the batch, so a batch split over several processes gets
                 the masks of the same batch in one process.
-            update_centers: move the centers towards this step's teacher logits when the loss is finite.
-                A multi-process trainer passes False and calls ``update_centers`` once all processes
-                have confirmed that their losses are finite, because the update all-reduces across processes.
         """
-        config, loss = self.config, self.config.loss
         views = (view_u, view_v)
         drops = [self._teacher_dropout(view, generator) for view in views]
         distills = bool(self.teacher.head_names)
         teacher = [self._teacher_pass(view, drop) if distills else None for view, drop in zip(views, drops)]
 
-        ranked = config.masking.mode.startswith("attention")
+        ranked = self.config.masking.mode.startswith("attention")
         masks = [
             self.make_mask(view, self._ranking_scores(view, out, drop) if ranked else None, generator)
             for view, out, drop in zip(views, teacher, drops)
         ]
-        student = [self._student_pass(view, mask) for view, mask in zip(views, masks)]
+        return PreparedViews(views, teacher, masks, teacher_temperature)
 
-        terms = self.loss_terms(views, teacher, student, masks, teacher_temperature)
-        total = self.weighted_total(terms)
+    def view_loss(self, prepared: PreparedViews, index: int) -> dict[str, torch.Tensor]:
+        """Run the student on view ``index`` (0 for u, 1 for v) and return that view's half of each term.
 
+        The two views' halves depend on each other only through the teacher's detached targets, so a
+        trainer may backpropagate one view before the student sees the other. That keeps one view's
+        activations in memory instead of two. The halves of both views sum to ``loss_terms``.
+        """
+        view, mask = prepared.views[index], prepared.masks[index]
+        student = self._student_pass(view, mask)
+        return self._view_terms(prepared.views, prepared.targets, student, prepared.masks, index, prepared.temperature)
+
+    def summarize(
+        self, prepared: PreparedViews, total: torch.Tensor, terms: dict[str, torch.Tensor], update_centers: bool = True
+    ) -> StepOutput:
+        """Collect a step's losses, masked fraction and teacher statistics.
+
+        Args:
+            prepared: the step's views, teacher targets and masks.
+            total, terms: the weighted loss and its terms, summed over both views.
+            update_centers: move the centers towards this step's teacher logits when ``total`` is finite.
+                A multi-process trainer passes False and calls ``update_centers`` once all processes
+                have confirmed that their losses are finite, because the update all-reduces across processes.
+        """
+        teacher = prepared.targets
         entropy = float("nan")
         center_logits = {}
-        if distills:
+        if self.teacher.head_names:
             center_logits = {role: torch.cat([output[role].flatten(0, -2) for output in teacher]) for role in self.teacher.head_names}
             if update_centers and torch.isfinite(total):
                 self.update_centers(center_logits)
             watched = next(role for role in ("cls", "global", "patch") if role in self.teacher.head_names)
-            logits = (teacher[0][watched].float() - getattr(self.centers, watched)) / teacher_temperature
+            logits = (teacher[0][watched].float() - getattr(self.centers, watched)) / prepared.temperature
             probabilities = torch.softmax(logits, dim=-1)
             entropy = float(-(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean())
         return StepOutput(
             total=total,
             terms={name: value.detach() for name, value in terms.items()},
-            masked_fraction=float(torch.stack(masks).float().mean()),
+            masked_fraction=float(torch.stack(prepared.masks).float().mean()),
             teacher_entropy=entropy,
-            teacher_kl_uniform=math.log(loss.out_dim) - entropy,
+            teacher_kl_uniform=math.log(self.config.loss.out_dim) - entropy,
             center_logits=center_logits,
         )
+
+    def forward(
+        self,
+        view_u: torch.Tensor,
+        view_v: torch.Tensor,
+        teacher_temperature: float,
+        generator: Generators = None,
+        update_centers: bool = True,
+    ) -> StepOutput:
+        """Compute the co-distillation loss for two views of the same CTs, both views in one graph.
+
+        The arguments are those of ``prepare``, and ``update_centers`` that of ``summarize``. The
+        trainer instead calls ``prepare``, then ``view_loss`` and backward once per view.
+        """
+        prepared = self.prepare(view_u, view_v, teacher_temperature, generator)
+        student = [self._student_pass(view, mask) for view, mask in zip(prepared.views, prepared.masks)]
+        terms = self.loss_terms(prepared.views, prepared.targets, student, prepared.masks, teacher_temperature)
+        return self.summarize(prepared, self.weighted_total(terms), terms, update_centers)
 
     def loss_terms(
         self,
@@ -292,31 +342,38 @@ class CoDistillation(nn.Module):
             masks: per view, the (B, n_x, n_y, n_z) cell mask the student saw.
             teacher_temperature: the teacher's sharpening temperature at this step.
         """
+        halves = [self._view_terms(views, targets, student[i], masks, i, teacher_temperature) for i in (0, 1)]
+        return {name: halves[0][name] + halves[1][name] for name in halves[0]}
+
+    def _view_terms(
+        self,
+        views: tuple[torch.Tensor, torch.Tensor],
+        targets: list[dict],
+        student: dict,
+        masks: list[torch.Tensor],
+        index: int,
+        teacher_temperature: float,
+    ) -> dict[str, torch.Tensor]:
+        """Return half of each enabled term for student view ``index``, whose outputs are ``student``."""
         loss = self.config.loss
 
-        def cross_entropy(role: str, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        def cross_entropy(role: str, teacher_logits: torch.Tensor) -> torch.Tensor:
             return distillation_cross_entropy(
-                teacher_logits, student_logits, getattr(self.centers, role), teacher_temperature, loss.student_temperature
+                teacher_logits, student[role], getattr(self.centers, role), teacher_temperature, loss.student_temperature
             )
 
-        # AITD and GITD pair each student view with the teacher's other view; AMPD pairs the same view.
+        # AITD and GITD pair the student's view with the teacher's other view; AMPD pairs the same view.
+        own, other = targets[index], targets[1 - index]
         terms: dict[str, torch.Tensor] = {}
         if loss.aitd:
-            terms["aitd"] = 0.5 * sum(cross_entropy("cls", targets[1 - i]["cls"], student[i]["cls"]).mean() for i in (0, 1))
+            terms["aitd"] = 0.5 * cross_entropy("cls", other["cls"]).mean()
         if loss.ampd:
-            terms["ampd"] = 0.5 * sum(
-                masked_patch_mean(cross_entropy("patch", targets[i]["patch"], student[i]["patch"]), masks[i].flatten(1))
-                for i in (0, 1)
-            )
+            terms["ampd"] = 0.5 * masked_patch_mean(cross_entropy("patch", own["patch"]), masks[index].flatten(1))
         if loss.gitd:
-            terms["gitd"] = 0.5 * sum(
-                cross_entropy("global", targets[1 - i]["global"], student[i]["global"]).mean() for i in (0, 1)
-            )
+            terms["gitd"] = 0.5 * cross_entropy("global", other["global"]).mean()
         if loss.amip:
-            terms["amip"] = 0.5 * sum(
-                masked_l1(student[i]["reconstruction"], views[i], cells_to_voxels(masks[i], self.cell_voxels))
-                for i in (0, 1)
-            )
+            voxel_mask = cells_to_voxels(masks[index], self.cell_voxels)
+            terms["amip"] = 0.5 * masked_l1(student["reconstruction"], views[index], voxel_mask)
         return terms
 
     def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -60,6 +60,21 @@ def parameter_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0, "no_decay": True}]
 
 
+class ViewLoss(torch.nn.Module):
+    """``CoDistillation.view_loss`` as a module's forward, so that DistributedDataParallel can wrap it.
+
+    DDP synchronises gradients in the backward of its own forward calls; the trainer calls it once per
+    student view.
+    """
+
+    def __init__(self, model: CoDistillation):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prepared, index: int) -> dict[str, torch.Tensor]:
+        return self.model.view_loss(prepared, index)
+
+
 def autocast_for(precision: str, device: torch.device):
     """Return the autocast context of ``train.precision`` on ``device``.
 
@@ -265,7 +280,7 @@ def _pretrain(context: DistributedContext, config, datalist: Path, run_dir: Path
     if context.is_distributed:
         # Stage 4 feeds only AMIP and GITD; without both its parameters get no gradient.
         unused = not (config.loss.amip or config.loss.gitd) and config.model.backbone == "swin"
-        forward = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=unused)
+        forward = DistributedDataParallel(ViewLoss(model), broadcast_buffers=False, find_unused_parameters=unused)
     schedules = Schedules(config, steps_per_epoch, total_steps, context.world_size)
 
     metrics = writer = None
@@ -420,7 +435,7 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
     """Run one optimiser step and EMA update; a non-finite loss leaves every weight and center unchanged.
 
     Args:
-        model: ``CoDistillation``, or the ``DistributedDataParallel`` wrapping it.
+        model: ``CoDistillation``, or the ``DistributedDataParallel`` wrapping its ``ViewLoss``.
         batch: ``view_u`` and ``view_v`` (B, 1, X, Y, Z) and, from ``PretrainingViews``, ``seed`` (B,).
         generator: the masking generator; None seeds one generator per image from ``batch["seed"]``.
         context: the process group; the skip decision, the logged losses and the stop request are
@@ -431,7 +446,9 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
     Returns:
         The step's metrics record; ``skipped`` is true when the loss was NaN or infinite on any process.
     """
-    core = model.module if isinstance(model, DistributedDataParallel) else model
+    distributed = isinstance(model, DistributedDataParallel)
+    core = model.module.model if distributed else model
+    view_loss = model if distributed else core.view_loss
     context = context or DistributedContext(0, 0, 1, torch.device(device))
     for group in optimizer.param_groups:
         group["lr"] = float(lr_schedule[step])
@@ -441,8 +458,22 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
     view_u, view_v = (_plain_tensor(batch[key]).to(device, non_blocking=True) for key in ("view_u", "view_v"))
     if generator is None:
         generator = [torch.Generator().manual_seed(int(seed)) for seed in batch["seed"]]
+    temperature = float(temperature_schedule[step])
     with autocast_for(precision, device):
-        output = model(view_u, view_v, float(temperature_schedule[step]), generator, update_centers=False)
+        prepared = core.prepare(view_u, view_v, temperature, generator)
+
+    # Backward each student view before the next one runs, so that only one view's activations are
+    # held. Gradients accumulate; under DDP the first backward skips the gradient all-reduce.
+    optimizer.zero_grad(set_to_none=True)
+    halves = []
+    for index in (0, 1):
+        with model.no_sync() if distributed and index == 0 else contextlib.nullcontext():
+            with autocast_for(precision, device):
+                half = view_loss(prepared, index)
+            core.weighted_total(half).float().backward()
+        halves.append({name: value.detach().float() for name, value in half.items()})
+    terms = {name: halves[0][name] + halves[1][name] for name in halves[0]}
+    output = core.summarize(prepared, core.weighted_total(terms), terms, update_centers=False)
     loss = output.total.float()
 
     # One all-reduce agrees on the skip, averages the logged losses and spreads a stop request.
@@ -467,12 +498,12 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
         "skipped": skipped,
         "stop_requested": bool(reduced[-1] > 0),
     }
-    optimizer.zero_grad(set_to_none=True)
     if skipped:
+        # The gradients of a non-finite loss are discarded; weights, teacher and centers stay as they were.
+        optimizer.zero_grad(set_to_none=True)
         return record
 
     core.update_centers(output.center_logits)
-    loss.backward()
     torch.nn.utils.clip_grad_norm_(core.student.parameters(), clip_grad)
     if step < frozen_last_layer_steps:
         for parameter in core.student.last_layers():
