@@ -114,7 +114,7 @@ def test_codistillation_step_reduces_loss_terms_to_scalars():
     assert output.total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_backward_one_view_at_a_time_gives_the_joint_gradient():
+def test_per_view_backward_matches_joint():
     torch.manual_seed(0)
     model = CoDistillation(load_config("tiny_cpu", overrides=["model.drop_path=0.0"]))
     model.train()

@@ -51,10 +51,9 @@ Each section below was written by `benchmarks/pretrain_step.py`. It compares one
 step with a student-only step. The DAGMaN step is the trainer's step: two no-grad teacher passes on
 patch-dropped views, attention-guided masks, then per view the student pass, the four losses (AITD,
 AMPD, GITD, AMIP) and backward, then gradient clipping, AdamW, the center update and the EMA teacher
-update. The student-only step runs the
-same student passes, heads and losses on masks of the same kind. It scores them against fixed random
-targets, so it has no teacher pass, no center update and no EMA update. The ratio of the two times
-is the cost of the teacher.
+update. The student-only step runs the same student passes, heads, losses and backward on masks of
+the same kind. It scores them against fixed random targets, so it has no teacher pass, no center
+update and no EMA update. The ratio of the two times is the cost of the teacher.
 
 Every row runs in one or more processes of its own. Times are wall-clock seconds per optimiser step,
 after warmup steps. On CPU the memory columns are the resident set size (RSS) of that process before

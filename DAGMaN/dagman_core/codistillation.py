@@ -362,7 +362,7 @@ class CoDistillation(nn.Module):
                 teacher_logits, student[role], getattr(self.centers, role), teacher_temperature, loss.student_temperature
             )
 
-        # AITD and GITD pair the student's view with the teacher's other view; AMPD pairs the same view.
+        # AITD and GITD pair the student's view with the teacher's other view. AMPD pairs the same view.
         own, other = targets[index], targets[1 - index]
         terms: dict[str, torch.Tensor] = {}
         if loss.aitd:

@@ -63,8 +63,8 @@ def parameter_groups(model: torch.nn.Module) -> list[dict]:
 class ViewLoss(torch.nn.Module):
     """``CoDistillation.view_loss`` as a module's forward, so that DistributedDataParallel can wrap it.
 
-    DDP synchronises gradients in the backward of its own forward calls; the trainer calls it once per
-    student view.
+    DDP synchronises gradients in the backward of its own forward calls, and the trainer calls it once
+    per student view.
     """
 
     def __init__(self, model: CoDistillation):
@@ -463,7 +463,7 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
         prepared = core.prepare(view_u, view_v, temperature, generator)
 
     # Backward each student view before the next one runs, so that only one view's activations are
-    # held. Gradients accumulate; under DDP the first backward skips the gradient all-reduce.
+    # held. Gradients accumulate, and under DDP the first backward skips the gradient all-reduce.
     optimizer.zero_grad(set_to_none=True)
     halves = []
     for index in (0, 1):
@@ -499,7 +499,7 @@ def _train_step(model, optimizer, batch, step, generator, device, lr_schedule, w
         "stop_requested": bool(reduced[-1] > 0),
     }
     if skipped:
-        # The gradients of a non-finite loss are discarded; weights, teacher and centers stay as they were.
+        # The gradients of a non-finite loss are discarded, so weights, teacher and centers stay as they were.
         optimizer.zero_grad(set_to_none=True)
         return record
 
