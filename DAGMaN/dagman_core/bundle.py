@@ -22,12 +22,15 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import DAGMaNConfig, config_from_dict, load_config
 from .data.io import current_umask
+from .models.classification import CLASSIFIERS
 from .models.segmentation import SEGMENTERS, build_segmenter
 from .terminology import describe_label
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
+TASKS = ("segmentation", "classification")
+ARCHITECTURES = {**SEGMENTERS, **CLASSIFIERS}
 
 
 class BundleError(ValueError):
@@ -43,8 +46,22 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def preprocessing_of(config: DAGMaNConfig) -> dict:
-    """Return the preprocessing section of ``model.json`` for a segmentation model of ``config``."""
+def preprocessing_of(config: DAGMaNConfig, task: str = "segmentation", crop_mode: str = "auto") -> dict:
+    """Return the preprocessing section of ``model.json`` for a model of ``task`` built from ``config``.
+
+    A segmentation model slides windows of ``finetune.crop_size`` over the body. A classification
+    model sees one crop of ``data.crop_size`` centred by ``crop_mode`` (``auto``, ``mask``, ``point``
+    or ``whole``).
+    """
+    if task == "classification":
+        crop = config.data.crop_size
+        return {
+            "orientation": "RAS",
+            "spacing_mm": [config.data.spacing_mm] * 3,
+            "hu_window": list(config.data.hu_window),
+            "crop_size": [crop, crop, crop],
+            "crop_mode": crop_mode,
+        }
     crop = config.finetune.crop_size
     return {
         "orientation": "RAS",
@@ -63,11 +80,16 @@ def write_bundle(
     name: str,
     training_data: dict,
     extra_provenance: dict | None = None,
+    task: str = "segmentation",
+    crop_mode: str = "auto",
 ) -> Path:
     """Write ``model`` and its ``model.json`` into ``output_dir``, replacing it only once complete.
 
-    An existing ``output_dir`` is replaced only when it is empty or an earlier bundle.
+    An existing ``output_dir`` is replaced only when it is empty or an earlier bundle. Segmentation
+    labels leave out the background (0); classification keeps every class.
     """
+    if task not in TASKS:
+        raise BundleError(f"invalid task {task!r}; valid choices: {', '.join(TASKS)}")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MODEL_JSON).exists():
         raise BundleError(
@@ -82,13 +104,18 @@ def write_bundle(
         os.chmod(weights_path, 0o666 & ~current_umask())
 
         config = model.config
+        architecture = {"type": model.architecture, "num_classes": model.num_classes, "config": config.to_dict()}
+        if task == "classification":
+            architecture["pooling"] = model.pooling
         description = {
             "format_version": BUNDLE_FORMAT,
             "name": name,
-            "task": "segmentation",
-            "architecture": {"type": model.architecture, "num_classes": model.num_classes, "config": config.to_dict()},
-            "preprocessing": preprocessing_of(config),
-            "labels": [describe_label(value, label) for value, label in sorted(labels.items()) if value != 0],
+            "task": task,
+            "architecture": architecture,
+            "preprocessing": preprocessing_of(config, task, crop_mode),
+            "labels": [
+                describe_label(value, label) for value, label in sorted(labels.items()) if value != 0 or task == "classification"
+            ],
             "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(weights_path), "format": "safetensors"},
             "provenance": {
                 "dagman_version": __version__,
@@ -127,7 +154,7 @@ def read_model_json(model_dir: str | os.PathLike) -> dict:
 
 
 def load_bundle(model_dir: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """Load a segmentation bundle; return ``(model, description)`` with the model in eval mode.
+    """Load a segmentation or classification bundle; return ``(model, description)`` with the model in eval mode.
 
     Raises:
         BundleError: ``model.json`` or the weights are missing, or the weights' sha256 differs from
@@ -145,14 +172,17 @@ def load_bundle(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
             raise BundleError(f"checksum mismatch for {weights_path}: sha256 {actual}, model.json records {expected}")
 
     architecture = description["architecture"]
-    segmenter = SEGMENTERS.get(architecture.get("type"))
-    if segmenter is None:
+    network = ARCHITECTURES.get(architecture.get("type"))
+    if network is None:
         raise BundleError(
             f"unsupported architecture {architecture.get('type')!r} in {model_dir / MODEL_JSON}; "
-            f"this version reads {sorted(SEGMENTERS)}"
+            f"this version reads {sorted(ARCHITECTURES)}"
         )
     config = config_from_dict(architecture["config"])
-    model = segmenter(config, num_classes=int(architecture["num_classes"]))
+    if architecture["type"] in CLASSIFIERS:
+        model = network(config, num_classes=int(architecture["num_classes"]), pooling=architecture.get("pooling", "cls"))
+    else:
+        model = network(config, num_classes=int(architecture["num_classes"]))
     model.load_state_dict(load_file(str(weights_path), device="cpu"))
     return model.to(device).eval(), description
 

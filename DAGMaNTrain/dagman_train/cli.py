@@ -1,4 +1,4 @@
-"""The ``dagman`` command line: configurations, pretraining, fine-tuning, export, inference, datalists and the demo."""
+"""The ``dagman`` command line: configurations, pretraining, fine-tuning, export, inference, evaluation and the demo."""
 
 from __future__ import annotations
 
@@ -50,6 +50,8 @@ def _pretrain(arguments: argparse.Namespace) -> int:
 
 
 def _finetune(arguments: argparse.Namespace) -> int:
+    if arguments.task == "classification":
+        return _finetune_classification(arguments)
     from .finetune import finetune_segmentation
 
     summary = finetune_segmentation(arguments.pretrained, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
@@ -57,6 +59,60 @@ def _finetune(arguments: argparse.Namespace) -> int:
         return 0
     print(f"fine-tuned {summary['steps']} steps in {summary['seconds']} s (final loss {summary['final_loss']:.4f}); run folder: {arguments.output}")
     return 0
+
+
+def _finetune_classification(arguments: argparse.Namespace) -> int:
+    from .classify import finetune_classification
+
+    summary = finetune_classification(
+        arguments.pretrained, arguments.datalist, arguments.output, mode=arguments.mode, pooling=arguments.pooling,
+        folds=arguments.folds, fraction=arguments.fraction, steps=arguments.max_steps, lr=arguments.lr,
+        batch_size=arguments.batch_size, crop_mode=arguments.crop, label_field=arguments.label_field,
+        labels_csv=arguments.labels_csv, seed=arguments.seed, device=arguments.device,
+    )
+    cross_validation = summary.get("cross_validation")
+    if cross_validation:
+        low, high = cross_validation["auc_ci95"]
+        print(f"{cross_validation['folds']}-fold cross-validation: AUC {cross_validation['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}), "
+              f"accuracy {cross_validation['accuracy']:.3f}")
+    print(f"trained the {summary['mode']} classifier on {summary['training_data']['cases']} cases in {summary['seconds']} s; "
+          f"run folder: {arguments.output}")
+    return 0
+
+
+def _evaluate(arguments: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model
+
+    metrics = evaluate_model(
+        arguments.model, arguments.datalist, arguments.output, split=arguments.split, device=arguments.device,
+        label_field=arguments.label_field, labels_csv=arguments.labels_csv, seed=arguments.seed,
+    )
+    if metrics["task"] == "classification":
+        low, high = metrics["auc_ci95"]
+        print(f"{metrics['cases']} cases: AUC {metrics['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}); report: {arguments.output}/report.md")
+    else:
+        for name, entry in metrics["summary"].items():
+            print(f"{name}: Dice {entry['dice_mean']:.3f} ± {entry['dice_std']:.3f} over {len(metrics['cases'])} cases")
+        print(f"report: {arguments.output}/report.md")
+    return 0
+
+
+def _embed(arguments: argparse.Namespace) -> int:
+    from .embed import embed
+
+    report = embed(
+        arguments.datalist, arguments.output, model_dir=arguments.model, run_dir=arguments.run, pooling=arguments.pooling,
+        crop_mode=arguments.crop, label_field=arguments.label_field, labels_csv=arguments.labels_csv, seed=arguments.seed,
+        device=arguments.device,
+    )
+    print(f"features of {report['cases']} cases written to {arguments.output} (features.npz, cluster_distances.json, umap.png)")
+    return 0
+
+
+def _add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-field", default="class", help="classification: the datalist field holding each case's class (default: class)")
+    parser.add_argument("--labels-csv", default=None, help="classification: CSV of 'case_id,label' rows, in place of the datalist field")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds, few-shot draws, bootstrap and UMAP (default: 0)")
 
 
 def _export(arguments: argparse.Namespace) -> int:
@@ -115,13 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(handler=_pretrain)
 
     finetune = commands.add_parser("finetune", help="fine-tune a pretrained encoder on labeled CT")
-    finetune.add_argument("--task", choices=("segmentation",), default="segmentation", help="downstream task (default: segmentation)")
+    finetune.add_argument("--task", choices=("segmentation", "classification"), default="segmentation", help="downstream task (default: segmentation)")
     finetune.add_argument("--pretrained", required=True, help="pretraining run folder (contains encoder.safetensors)")
-    finetune.add_argument("--datalist", required=True, help="datalist JSON with image and label paths under 'training'")
+    finetune.add_argument("--datalist", required=True, help="datalist JSON: image and label paths (segmentation) or image and class (classification) under 'training'")
     finetune.add_argument("--output", required=True, help="run folder to write")
-    finetune.add_argument("--max-steps", type=int, default=None, help="number of steps (default: finetune.steps of the configuration)")
+    finetune.add_argument(
+        "--max-steps", type=int, default=None,
+        help="number of steps (default: finetune.steps of the configuration; classification 300 linear, 200 full)",
+    )
     finetune.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    classification = finetune.add_argument_group("classification")
+    classification.add_argument("--mode", choices=("linear", "full"), default="linear", help="linear probing on the frozen encoder, or full fine-tuning (default: linear)")
+    classification.add_argument("--pooling", choices=("cls", "stage4"), default="cls", help="feature: the SA [CLS] token or pooled stage-4 tokens (default: cls)")
+    classification.add_argument("--folds", type=int, default=None, help="run stratified k-fold cross-validation first, e.g. --folds 3")
+    classification.add_argument("--fraction", type=float, default=None, help="few-shot: train on this stratified share of the cases, e.g. 0.25")
+    classification.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 linear, 1e-4 full)")
+    classification.add_argument("--batch-size", type=int, default=4, help="crops per step of full fine-tuning (default: 4)")
+    classification.add_argument(
+        "--crop", choices=("auto", "mask", "point", "whole"), default="auto",
+        help="centre each crop on the case's 'mask', its 'point' (RAS mm) or the body; auto takes the first given (default: auto)",
+    )
+    _add_label_arguments(classification)
     finetune.set_defaults(handler=_finetune)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model bundle on labelled cases: metrics.json, report.md and plots")
+    evaluate.add_argument("--model", required=True, help="model folder written by 'dagman export'")
+    evaluate.add_argument("--datalist", required=True, help="datalist JSON with the labelled cases")
+    evaluate.add_argument("--output", required=True, help="folder for metrics.json, report.md and the plots")
+    evaluate.add_argument("--split", default=None, help="datalist list to read (default: validation when present, else training)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_label_arguments(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    embed = commands.add_parser("embed", help="pooled encoder features per case, cluster distances per class and a UMAP plot")
+    source = embed.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", default=None, help="model folder written by 'dagman export'")
+    source.add_argument("--run", default=None, help="pretraining run folder (contains encoder.safetensors)")
+    embed.add_argument("--datalist", required=True, help="datalist JSON with image and class per case")
+    embed.add_argument("--output", required=True, help="folder for features.npz, embedding.csv, cluster_distances.json and umap.png")
+    embed.add_argument("--pooling", choices=("cls", "stage4"), default="cls", help="feature: the SA [CLS] token or pooled stage-4 tokens (default: cls)")
+    embed.add_argument("--crop", choices=("auto", "mask", "point", "whole"), default="auto", help="where each crop is centred (default: auto)")
+    embed.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_label_arguments(embed)
+    embed.set_defaults(handler=_embed)
 
     export = commands.add_parser("export", help="bundle a fine-tuning run as a model folder for inference and Slicer")
     export.add_argument("--run", required=True, help="fine-tuning run folder")
@@ -129,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", default=None, help="model name shown to users (default: derived from the run)")
     export.set_defaults(handler=_export)
 
-    infer = commands.add_parser("infer", help="segment a CT and map the model's attention")
+    infer = commands.add_parser("infer", help="segment or classify a CT and map the model's attention")
     add_infer_arguments(infer)
     infer.set_defaults(handler=None)
 
@@ -138,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     datalist.add_argument("--labels", default=None, help="folder of label maps, paired with the images by case id")
     datalist.add_argument("--output", required=True, help="datalist JSON file to write")
     datalist.set_defaults(handler=_datalist)
+
+    from .diagnose import register as register_diagnose
+    from .proxy_tasks import register as register_proxy_tasks
+
+    register_diagnose(commands)
+    register_proxy_tasks(commands)
 
     demo = commands.add_parser("demo", help="pretrain, fine-tune, export and run a tiny model on two public chest CTs")
     demo.add_argument("--output", required=True, help="folder for the demo's runs, model and results")

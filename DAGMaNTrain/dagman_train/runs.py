@@ -50,6 +50,17 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None
     return path
 
 
+def json_safe(value):
+    """Return ``value`` with every NaN or infinite float replaced by None, so that it dumps as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return _write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))

@@ -132,14 +132,17 @@ def ras_affine(image: sitk.Image) -> np.ndarray:
     return affine
 
 
-def cell_grid_image(ras_grid: sitk.Image, cell_voxels: int, cells_ijk: tuple[int, int, int]) -> sitk.Image:
+def cell_grid_image(
+    ras_grid: sitk.Image, cell_voxels: int, cells_ijk: tuple[int, int, int], start_ijk: tuple[int, int, int] = (0, 0, 0)
+) -> sitk.Image:
     """Build an empty image for a grid of cells of ``cell_voxels`` network voxels each, over ``ras_grid``.
 
     Cell centres follow the voxel-centre convention of ``interpolate(align_corners=False)``: the first
-    cell's centre is at network voxel ``(cell_voxels - 1) / 2``.
+    cell's centre is at network voxel ``start_ijk + (cell_voxels - 1) / 2``. ``start_ijk`` is the first
+    voxel of a crop on ``ras_grid`` (it may lie outside the grid).
     """
     spacing = np.asarray(ras_grid.GetSpacing())
-    first_centre = ras_grid.TransformContinuousIndexToPhysicalPoint([(cell_voxels - 1) / 2.0] * 3)
+    first_centre = ras_grid.TransformContinuousIndexToPhysicalPoint([start + (cell_voxels - 1) / 2.0 for start in start_ijk])
     cells = sitk.Image([int(value) for value in cells_ijk], sitk.sitkFloat32)
     cells.SetSpacing([float(value) for value in spacing * cell_voxels])
     cells.SetOrigin(first_centre)

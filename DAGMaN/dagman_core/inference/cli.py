@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the inference options to ``parser``."""
     parser.add_argument("--model", required=True, help="model folder written by 'dagman export' (contains model.json)")
     parser.add_argument("--input", required=True, help="CT volume: NIfTI, NRRD or MHA file, or a DICOM series folder (HU)")
-    parser.add_argument("--output", required=True, help="folder for segmentation.nrrd, attention.nrrd and result.json")
+    parser.add_argument("--output", required=True, help="folder for result.json, attention.nrrd and, for segmentation, segmentation.nrrd")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--window-batch", type=int, default=1, help="sliding windows per forward pass (default: 1)")
+    parser.add_argument("--mask", default=None, help="classification: centre the crop on this lesion mask (any grid covering the lesion)")
+    parser.add_argument("--point", default=None, metavar="R,A,S", help="classification: centre the crop on this point, RAS mm as Slicer shows it")
     parser.add_argument(
         "--progress", choices=("bar", "json", "none"), default="bar", help="progress as a bar, JSON lines on stdout, or none"
     )
@@ -62,6 +64,7 @@ class BarProgress:
 
 def run(arguments: argparse.Namespace) -> int:
     """Run inference with parsed ``arguments``; return the process exit code."""
+    from ..data.crops import parse_point
     from .pipeline import run_inference
 
     if arguments.progress == "json":
@@ -72,7 +75,11 @@ def run(arguments: argparse.Namespace) -> int:
         progress = lambda stage, fraction, message: None  # noqa: E731
 
     try:
-        run_inference(arguments.model, arguments.input, arguments.output, arguments.device, arguments.window_batch, progress)
+        point = parse_point(arguments.point) if arguments.point else None
+        run_inference(
+            arguments.model, arguments.input, arguments.output, arguments.device, arguments.window_batch, progress,
+            mask_path=arguments.mask, point_ras=point,
+        )
     except (OSError, ValueError, RuntimeError) as error:
         message = f"inference failed: {error}"
         if arguments.progress == "json":

@@ -19,6 +19,7 @@ from monai.inferers import sliding_window_inference
 
 from .. import __version__
 from ..bundle import load_bundle
+from ..data.crops import Crop, classification_crop
 from ..data.geometry import cell_grid_image, image_to_tensor_ijk, resample_to_ras, resample_to_reference, tensor_ijk_to_image
 from ..data.io import read_image, write_image_atomic
 from ..data.transforms import BODY_THRESHOLD, window_hu
@@ -221,11 +222,15 @@ def run_inference(
     device: str = "auto",
     window_batch: int = 1,
     progress: ProgressCallback | None = None,
+    mask_path: str | os.PathLike | None = None,
+    point_ras: list[float] | None = None,
 ) -> dict:
-    """Segment a CT and map the model's attention; write ``segmentation.nrrd``, ``attention.nrrd``, ``result.json``.
+    """Segment or classify a CT and map the model's attention; write the results into ``output_dir``.
 
-    Both images share the input's size, spacing, origin and direction exactly. The files appear in
-    ``output_dir`` only once all three are complete.
+    A segmentation model writes ``segmentation.nrrd``, ``attention.nrrd`` and ``result.json``; a
+    classification model writes ``attention.nrrd`` and ``result.json`` with the class probabilities
+    and the crop it used. The images share the input's size, spacing, origin and direction exactly.
+    The files appear in ``output_dir`` only once all of them are complete.
 
     Args:
         model_dir: a bundle folder written by ``dagman export``.
@@ -235,6 +240,8 @@ def run_inference(
         window_batch: sliding windows per forward pass.
         progress: called as ``progress(stage, fraction, message)``, with ``fraction`` the share of the
             whole run done (0..1, never decreasing).
+        mask_path, point_ras: where a classification model centres its crop: the centre of mass of a
+            lesion mask, or a point in RAS mm. Without either it follows the bundle's ``crop_mode``.
 
     Returns:
         The content of ``result.json``.
@@ -250,6 +257,9 @@ def run_inference(
     progress("load", 0.5, f"reading {input_path}")
     reference = read_image(input_path)
     timings["load"] = time.perf_counter() - started
+    if description["task"] == "classification":
+        return _classify(model, description, reference, Path(model_dir), input_path, Path(output_dir), torch_device,
+                         mask_path, point_ras, progress, timings, started)
 
     stage_started = time.perf_counter()
     progress("preprocess", 0.0, "resampling to the RAS grid")
@@ -301,6 +311,86 @@ def run_inference(
         }
         (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         for name in ("segmentation.nrrd", "attention.nrrd", "result.json"):
+            os.replace(staging / name, output_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    progress("done", 1.0, f"wrote results to {output_dir}")
+    return result
+
+
+def classify_image(model, description: dict, image: sitk.Image, mask=None, point_ras=None, device="cpu", mode: str | None = None):
+    """Classify one CT with a classification bundle's model; return ``(probabilities (C,), S_ATT cells, crop)``.
+
+    The crop follows the bundle's preprocessing: RAS grid, spacing, HU window, crop size, and
+    ``crop_mode`` unless ``mode`` is given. ``mask`` (image or path) or ``point_ras`` (mm) place it.
+    """
+    preprocessing = description["preprocessing"]
+    mode = mode or preprocessing.get("crop_mode", "auto")
+    if mode in ("mask", "point") and mask is None and point_ras is None:
+        mode = "auto"
+    crop = classification_crop(
+        image, float(preprocessing["spacing_mm"][0]), tuple(preprocessing["hu_window"]), int(preprocessing["crop_size"][0]),
+        mode, mask=mask, point_ras=point_ras,
+    )
+    with torch.inference_mode():
+        logits, s_att = model.forward_with_attention(crop.image[None].to(device))
+    probabilities = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    return probabilities, s_att[0, 0].float().cpu().numpy(), crop
+
+
+def attention_on_input(cells: np.ndarray, crop: Crop, reference: sitk.Image, cell_voxels: int) -> sitk.Image:
+    """Place a crop's S_ATT cells (n_x, n_y, n_z) on the input's grid, scaled to a maximum of 1, 0 outside the crop."""
+    cells = cells / max(float(cells.max()), 1e-12)
+    cell_image = tensor_ijk_to_image(cells.astype(np.float32), cell_grid_image(crop.ras_grid, cell_voxels, cells.shape, crop.start_ijk))
+    # ITK counts half a cell around the outer cell centres as inside, so the crop's edge voxels get a value.
+    on_input = sitk.Resample(cell_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    on_input = sitk.Clamp(on_input, sitk.sitkFloat32, 0.0, 1.0)
+    on_input.CopyInformation(reference)
+    return on_input
+
+
+def _classify(model, description, reference, model_dir: Path, input_path, output_dir: Path, device, mask_path, point_ras,
+              progress, timings, started) -> dict:
+    """Classify one crop of ``reference`` and write ``attention.nrrd`` and ``result.json``."""
+    stage_started = time.perf_counter()
+    progress("preprocess", 0.0, "resampling to the RAS grid and cutting the crop")
+    mask = read_image(mask_path) if mask_path is not None else None
+    mode = "mask" if mask is not None else "point" if point_ras is not None else None
+    timings["preprocess"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    progress("infer", 0.0, "classifying the crop")
+    probabilities, cells, crop = classify_image(model, description, reference, mask, point_ras, device, mode)
+    progress("infer", 1.0, "classified the crop")
+    timings["infer"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    progress("write", 0.0, "resampling the attention onto the input grid")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dagman-infer-", dir=output_dir))
+    try:
+        write_image_atomic(attention_on_input(cells, crop, reference, model.cell_voxels), staging / "attention.nrrd")
+        timings["write"] = time.perf_counter() - stage_started
+        timings["total"] = time.perf_counter() - started
+        labels = description["labels"]
+        best = int(np.argmax(probabilities))
+        result = {
+            "task": "classification",
+            "model": {"name": description["name"], "sha256": description["weights"]["sha256"], "folder": str(model_dir.resolve())},
+            "model_sha256": description["weights"]["sha256"],
+            "input": str(input_path),
+            "device": str(device),
+            "dagman_version": __version__,
+            "labels": labels,
+            "probabilities": {label["name"]: round(float(probabilities[label["value"]]), 6) for label in labels},
+            "predicted": {"value": best, "name": next(label["name"] for label in labels if label["value"] == best)},
+            "crop": crop.describe(),
+            "outputs": {"attention": "attention.nrrd"},
+            "timings_s": {key: round(value, 3) for key, value in timings.items()},
+        }
+        (staging / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        for name in ("attention.nrrd", "result.json"):
             os.replace(staging / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
