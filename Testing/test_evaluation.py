@@ -326,3 +326,25 @@ def test_point_text_must_have_three_values():
     assert parse_point("1.5, -2, 3") == [1.5, -2.0, 3.0]
     with pytest.raises(ValueError, match="RAS"):
         parse_point("1,2")
+
+
+def test_segmentation_finetune_validates(ct_data: Path, tmp_path: Path):
+    from dagman_train.finetune import finetune_segmentation
+
+    datalist = write_tumor_block(ct_data, tmp_path)
+    content = json.loads(datalist.read_text())
+    content["validation"] = list(content["training"])
+    datalist.write_text(json.dumps(content))
+    pretrain(load_config("tiny_cpu"), datalist, tmp_path / "pretrain", max_steps=1, show_progress=False)
+
+    summary = finetune_segmentation(tmp_path / "pretrain", datalist, tmp_path / "finetune", max_steps=2, show_progress=False, validate_every=1)
+
+    run = tmp_path / "finetune"
+    written = json.loads((run / "validation.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["validation"]["cases"] == 1
+    assert 0.0 <= written["cases"][0]["labels"]["Lung tumor"]["dice"] <= 1.0
+    assert written["summary"]["Lung tumor"]["lesions_by_size"]["large"]["lesions"] == 1
+    assert [record["step"] for record in records if "validation_dice_Lung tumor" in record] == [1]
+    assert json.loads((run / "finetune.json").read_text())["validation"]["summary"] == written["summary"]
+    assert_png(run / "validation_dice.png")

@@ -50,7 +50,7 @@ def preprocessing_of(config: DAGMaNConfig, task: str = "segmentation", crop_mode
     """Return the preprocessing section of ``model.json`` for a model of ``task`` built from ``config``.
 
     A segmentation model slides windows of ``finetune.crop_size`` over the body. A classification
-    model sees one crop of ``data.crop_size`` centred by ``crop_mode`` (``auto``, ``mask``, ``point``
+    model classifies one crop of ``data.crop_size`` centred by ``crop_mode`` (``auto``, ``mask``, ``point``
     or ``whole``).
     """
     if task == "classification":

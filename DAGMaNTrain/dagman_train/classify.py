@@ -139,7 +139,7 @@ def stratified_folds(labels: np.ndarray, groups: list[str], folds: int, seed: in
     """Return the held-out indices of each of ``folds`` stratified folds.
 
     A patient's cases (``group``) stay in one fold when there are enough patients and every
-    held-out fold still contains every class; otherwise the folds ignore patients, with a warning.
+    held-out fold still contains every class. Otherwise the folds ignore patients, with a warning.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -270,7 +270,7 @@ def predict(model: DAGMaNClassifier, crops: list[torch.Tensor], device: torch.de
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, names: dict[int, str], seed: int = 0) -> dict:
     """Return AUC with its 95 % bootstrap interval, accuracy, and per class the Youden point and ROC.
 
-    With two classes the score is the probability of class 1; with more, every class is scored one
+    With two classes the score is the probability of class 1. With more, every class is scored one
     against the rest and the AUC is their macro mean.
     """
     labels = np.asarray(labels)

@@ -54,7 +54,10 @@ def _finetune(arguments: argparse.Namespace) -> int:
         return _finetune_classification(arguments)
     from .finetune import finetune_segmentation
 
-    summary = finetune_segmentation(arguments.pretrained, arguments.datalist, arguments.output, arguments.max_steps, arguments.device)
+    summary = finetune_segmentation(
+        arguments.pretrained, arguments.datalist, arguments.output, arguments.max_steps, arguments.device,
+        validate_every=arguments.validate_every,
+    )
     if "seconds" not in summary:
         return 0
     print(f"fine-tuned {summary['steps']} steps in {summary['seconds']} s (final loss {summary['final_loss']:.4f}); run folder: {arguments.output}")
@@ -180,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of steps (default: finetune.steps of the configuration; classification 300 linear, 200 full)",
     )
     finetune.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    finetune.add_argument(
+        "--validate-every", type=int, default=None, metavar="N",
+        help="segmentation: also score the datalist's 'validation' cases every N steps (they are always scored after the last step)",
+    )
     classification = finetune.add_argument_group("classification")
     classification.add_argument("--mode", choices=("linear", "full"), default="linear", help="linear probing on the frozen encoder, or full fine-tuning (default: linear)")
     classification.add_argument("--pooling", choices=("cls", "stage4"), default="cls", help="feature: the SA [CLS] token or pooled stage-4 tokens (default: cls)")

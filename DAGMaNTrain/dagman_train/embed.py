@@ -1,7 +1,7 @@
 """``dagman embed``: pooled encoder features per case, cluster distances per class and a UMAP scatter plot.
 
-The DAGMaN paper judges how well a frozen encoder separates organs without labels by the Euclidean
-distances within and between the classes' clusters of features; the UMAP plot shows the same.
+The DAGMaN paper judges how well a frozen encoder separates organs by the Euclidean distances within
+and between the classes' clusters of features. The UMAP plot shows the same clusters.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 def load_encoder(model_dir: str | Path | None = None, run_dir: str | Path | None = None) -> tuple[DAGMaNEncoder, DAGMaNConfig, str]:
     """Return the encoder of a model bundle or of a pretraining run, its configuration and a description.
 
-    A classification bundle gives its encoder as fine-tuned; a segmentation bundle the Swin (or ViT)
-    and SA weights of its encoder; a pretraining run its EMA teacher's encoder.
+    A classification bundle gives its encoder as fine-tuned, and a segmentation bundle the Swin (or
+    ViT) and SA weights of its encoder. A pretraining run gives its EMA teacher's encoder.
     """
     if (model_dir is None) == (run_dir is None):
         raise ValueError("give either --model (a bundle folder) or --run (a pretraining run folder)")

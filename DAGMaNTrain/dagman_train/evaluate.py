@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from dagman_core.bundle import load_bundle
 from dagman_core.data.datalist import label_names, load_datalist
 from dagman_core.data.geometry import resample_to_reference
 from dagman_core.data.io import read_image, same_geometry
-from dagman_core.inference.pipeline import classify_image, resolve_device, run_inference
+from dagman_core.inference.pipeline import classify_image, resolve_device, segment_image
 from dagman_core.metrics import dice, hausdorff95, lesion_metrics
 
 from .classify import case_id_of, classification_metrics, load_cases, roc_curves, write_predictions
@@ -27,6 +26,9 @@ from .plots import plot_per_case, plot_roc
 from .runs import atomic_write_text, json_safe, progress_bar
 
 logger = logging.getLogger(__name__)
+
+# Lesions above this volume (cc) are reported apart from smaller ones.
+LARGE_LESION_CC = 3.0
 
 
 def evaluate_model(
@@ -44,8 +46,8 @@ def evaluate_model(
 
     Args:
         model_dir: a bundle folder written by ``dagman export``.
-        datalist: segmentation cases need ``label`` (a label map); classification cases need the label
-            field (or ``labels_csv``) and may carry ``mask`` or ``point`` to place the crop.
+        datalist: segmentation cases need ``label`` (a label map). Classification cases need the label
+            field (or ``labels_csv``), and a ``mask`` or ``point`` places the crop.
         output_dir: the folder for the results (created when missing).
         split: the datalist list to read; default ``validation`` when present, else ``training``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -62,7 +64,7 @@ def evaluate_model(
     if description["task"] == "classification":
         metrics = _evaluate_classification(model, description, datalist, output_dir, split, torch_device, label_field, labels_csv, seed, show_progress)
     else:
-        metrics = _evaluate_segmentation(Path(model_dir), description, datalist, output_dir, split, torch_device, show_progress)
+        metrics = _evaluate_segmentation(model, description, datalist, output_dir, split, torch_device, show_progress)
     metrics = {"model": {"name": description["name"], "folder": str(Path(model_dir).resolve()), "sha256": description["weights"]["sha256"]},
                "datalist": str(Path(datalist).resolve()), "split": split, **metrics}
     atomic_write_text(output_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
@@ -75,22 +77,36 @@ def _default_split(datalist: str | Path) -> str:
     return "validation" if content.get("validation") else "training"
 
 
-def _evaluate_segmentation(model_dir: Path, description: dict, datalist, output_dir: Path, split: str, device, show_progress: bool) -> dict:
+def _evaluate_segmentation(model, description: dict, datalist, output_dir: Path, split: str, device, show_progress: bool) -> dict:
     """Segment every case and compare each foreground label with the reference label map."""
     cases = load_datalist(datalist, split, require_labels=True)
     labels = {label["value"]: label["name"] for label in description["labels"]}
     known = label_names(datalist)
     if known and any(known.get(value) not in (None, name) for value, name in labels.items()):
         logger.warning("the datalist names labels %s, the model %s; comparing by value", known, labels)
+    rows = score_segmentation(model, description["preprocessing"], cases, labels, device, show_progress)
+    summary = summarize_segmentation(rows, labels, output_dir)
+    return {"task": "segmentation", "large_lesion_cc": LARGE_LESION_CC, "summary": summary, "cases": rows}
 
+
+def score_segmentation(model, preprocessing: dict, cases: list[dict], labels: dict[int, str], device, show_progress: bool = True) -> list[dict]:
+    """Segment each case with the sliding-window inference of ``dagman infer`` and score every label.
+
+    Args:
+        model: a segmenter in eval mode on ``device``.
+        preprocessing: the bundle's ``preprocessing`` section.
+        cases: datalist entries with ``image`` and ``label``.
+        labels: the foreground label values and names to score.
+
+    Returns:
+        One row per case: ``id``, ``image`` and per label name its ``dice``, ``hd95_mm`` (None where
+        undefined), ``reference_voxels`` and ``lesions`` (``lesion_metrics``).
+    """
     rows = []
     bar = progress_bar(len(cases), "evaluate", show_progress)
     try:
         for entry in cases:
-            case_id = case_id_of(entry)
-            with tempfile.TemporaryDirectory(prefix=".dagman-evaluate-", dir=output_dir) as scratch:
-                run_inference(model_dir, entry["image"], scratch, str(device), progress=lambda *_: None)
-                prediction = sitk.ReadImage(str(Path(scratch) / "segmentation.nrrd"))
+            prediction, _ = segment_image(model, preprocessing, read_image(entry["image"]), device)
             reference = read_image(entry["label"])
             if not same_geometry(reference, prediction):
                 reference = resample_to_reference(reference, prediction, is_label=True)
@@ -98,20 +114,23 @@ def _evaluate_segmentation(model_dir: Path, description: dict, datalist, output_
             expected = sitk.GetArrayFromImage(reference).transpose(2, 1, 0)
             spacing = prediction.GetSpacing()
 
-            row = {"id": case_id, "image": entry["image"], "labels": {}}
+            row = {"id": case_id_of(entry), "image": entry["image"], "labels": {}}
             for value, name in labels.items():
-                lesions = lesion_metrics(predicted == value, expected == value, spacing)
                 row["labels"][name] = {
                     "dice": dice(predicted == value, expected == value),
                     "hd95_mm": _finite_or_none(hausdorff95(predicted == value, expected == value, spacing)),
                     "reference_voxels": int((expected == value).sum()),
-                    "lesions": lesions,
+                    "lesions": lesion_metrics(predicted == value, expected == value, spacing, LARGE_LESION_CC),
                 }
             rows.append(row)
             bar.update(1)
     finally:
         bar.close()
+    return rows
 
+
+def summarize_segmentation(rows: list[dict], labels: dict[int, str], output_dir: Path | None = None, prefix: str = "dice_per_case") -> dict:
+    """Return per label the mean Dice, HD95 and lesion detection by size; plot Dice per case into ``output_dir``."""
     summary = {}
     for value, name in labels.items():
         dices = np.asarray([row["labels"][name]["dice"] for row in rows])
@@ -132,9 +151,11 @@ def _evaluate_segmentation(model_dir: Path, description: dict, datalist, output_
             "hd95_undefined_cases": len(rows) - len(distances),
             "lesions_by_size": per_size,
         }
-        suffix = "" if value == min(labels) else f"_{_slug(name)}"
-        plot_per_case([row["id"] for row in rows], dices.tolist(), output_dir / f"dice_per_case{suffix}.png", "Dice", f"{name}: Dice per case")
-    return {"task": "segmentation", "large_lesion_cc": 3.0, "summary": summary, "cases": rows}
+        if output_dir is not None:
+            suffix = "" if value == min(labels) else f"_{_slug(name)}"
+            path = output_dir / f"{prefix}{suffix}.png"
+            plot_per_case([row["id"] for row in rows], dices.tolist(), path, "Dice", f"{name}: Dice per case")
+    return summary
 
 
 def _evaluate_classification(model, description, datalist, output_dir: Path, split: str, device, label_field, labels_csv, seed, show_progress) -> dict:

@@ -22,7 +22,7 @@ from dagman_core.schedules import cosine_schedule
 
 from .distributed import DistributedContext, setup_distributed
 from .pretrain import ENCODER_FILE, parameter_groups
-from .runs import MetricsLog, atomic_save_safetensors, atomic_write_text, progress_bar, read_run_config, seed_everything, write_config
+from .runs import MetricsLog, atomic_save_safetensors, atomic_write_text, json_safe, progress_bar, read_run_config, seed_everything, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def finetune_segmentation(
     max_steps: int | None = None,
     device: str = "cpu",
     show_progress: bool = True,
+    validate_every: int | None = None,
 ) -> dict:
     """Fine-tune a segmentation model from a pretraining run folder and write a fine-tuning run folder.
 
@@ -48,17 +49,23 @@ def finetune_segmentation(
     Under torchrun each process draws its own crops and DistributedDataParallel averages the gradients,
     so a step uses ``finetune.batch_size`` crops per process. Rank 0 alone writes the run folder.
 
+    When the datalist has a ``validation`` list, rank 0 segments those cases with the sliding-window
+    inference of ``dagman infer`` after the last step (and every ``validate_every`` steps). Dice and
+    HD95 per case go into ``validation.json`` and ``finetune.json``, and Dice per case into
+    ``validation_dice.png``.
+
     Returns:
         The run summary written to ``finetune.json``.
     """
     context = setup_distributed(device)
     try:
-        return _finetune(context, Path(pretrained_run), Path(datalist), Path(output_dir), max_steps, show_progress)
+        return _finetune(context, Path(pretrained_run), Path(datalist), Path(output_dir), max_steps, show_progress, validate_every)
     finally:
         context.close()
 
 
-def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path, run_dir: Path, max_steps, show_progress) -> dict:
+def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path, run_dir: Path, max_steps, show_progress,
+              validate_every: int | None = None) -> dict:
     config = read_run_config(pretrained_run)
     encoder_path = pretrained_run / ENCODER_FILE
     if not encoder_path.exists():
@@ -70,6 +77,7 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
 
     # Data: crops centred on label and background voxels in equal numbers.
     cases = load_datalist(datalist, "training", require_labels=True)
+    validation_cases = _validation_cases(datalist)
     names = label_names(datalist)
     if not names:
         names = dict(DEFAULT_LABELS)
@@ -130,6 +138,12 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
                 bar.set_postfix(loss=f"{loss_value:.3f}")
                 bar.update(1)
                 step += 1
+                if validate_every and validation_cases and step % validate_every == 0 and step < total_steps:
+                    if context.is_main:
+                        scores = _validate(model, config, validation_cases, names, torch_device)
+                        metrics.write({"step": step, **{f"validation_dice_{name}": entry["dice_mean"] for name, entry in scores.items()}})
+                        model.train()
+                    context.barrier()
     finally:
         bar.close()
         if metrics is not None:
@@ -139,6 +153,10 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
         context.barrier()
         return {"steps": step}
     atomic_save_safetensors(model.state_dict(), run_dir / MODEL_FILE)
+    validation = None
+    if validation_cases:
+        rows_summary = _validate(model, config, validation_cases, names, torch_device, run_dir)
+        validation = {"cases": len(validation_cases), "summary": rows_summary}
     summary = {
         "task": "segmentation",
         "num_classes": num_classes,
@@ -149,8 +167,34 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
         "pretrained_run": str(pretrained_run.resolve()),
         "training_data": {"datalist": str(Path(datalist).resolve()), "cases": len(cases)},
     }
+    if validation is not None:
+        summary["validation"] = validation
     atomic_write_text(run_dir / RUN_INFO, json.dumps(summary, indent=2) + "\n")
     context.barrier()
+    return summary
+
+
+def _validation_cases(datalist: Path) -> list[dict]:
+    """Return the datalist's ``validation`` entries (with labels), or an empty list when it has none."""
+    content = json.loads(Path(datalist).read_text(encoding="utf-8"))
+    if not content.get("validation"):
+        return []
+    return load_datalist(datalist, "validation", require_labels=True)
+
+
+def _validate(model, config, cases: list[dict], names: dict[int, str], device, run_dir: Path | None = None) -> dict:
+    """Score the validation cases with sliding-window inference; with ``run_dir``, write the files there."""
+    from dagman_core.bundle import preprocessing_of
+
+    from .evaluate import score_segmentation, summarize_segmentation
+
+    model.eval()
+    rows = score_segmentation(model, preprocessing_of(config), cases, names, device, show_progress=False)
+    summary = summarize_segmentation(rows, names, run_dir, prefix="validation_dice")
+    for name, entry in summary.items():
+        logger.info("validation %s: Dice %.3f ± %.3f over %d cases", name, entry["dice_mean"], entry["dice_std"], len(rows))
+    if run_dir is not None:
+        atomic_write_text(run_dir / "validation.json", json.dumps(json_safe({"summary": summary, "cases": rows}), indent=2) + "\n")
     return summary
 
 

@@ -59,7 +59,11 @@ def resolve_mode(mode: str, mask: object | None, point: object | None) -> str:
     if mode not in CROP_MODES:
         raise ValueError(f"invalid crop mode {mode!r}; valid choices: {', '.join(CROP_MODES)}")
     if mode == "auto":
-        return "mask" if mask is not None else "point" if point is not None else "whole"
+        if mask is not None:
+            return "mask"
+        if point is not None:
+            return "point"
+        return "whole"
     if mode == "mask" and mask is None:
         raise ValueError("crop mode 'mask' needs a lesion mask; give the case a 'mask' path or choose 'point' or 'whole'")
     if mode == "point" and point is None:
@@ -93,9 +97,9 @@ def classification_crop(
         spacing_mm: the network grid's isotropic spacing.
         hu_window: the HU range scaled to [0, 1].
         crop_size: the cube's side in network voxels.
-        mode: ``mask`` centres the crop on the mask's centre of mass, ``point`` on ``point_ras`` (mm),
-            ``whole`` on the centre of the body's bounding box (voxels above -500 HU); ``auto`` picks
-            the first of these that was given.
+        mode: ``mask`` centres the crop on the mask's centre of mass and ``point`` on ``point_ras`` (mm).
+            ``whole`` centres it on the body's bounding box (voxels above -500 HU). ``auto`` picks the
+            first of these that was given.
         mask: a lesion mask on any grid covering the lesion; nonzero voxels count.
         point_ras: the centre in RAS mm.
     """

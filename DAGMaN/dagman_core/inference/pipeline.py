@@ -192,10 +192,10 @@ def predict_volume(
     return probabilities, attention[None, None]
 
 
-def _write_outputs(
-    staging: Path, reference: sitk.Image, ras_grid: sitk.Image, probabilities: torch.Tensor, attention: torch.Tensor, cell_voxels: int
-) -> None:
-    """Resample the network outputs onto the input grid and write them into ``staging``."""
+def segmentation_images(
+    reference: sitk.Image, ras_grid: sitk.Image, probabilities: torch.Tensor, attention: torch.Tensor, cell_voxels: int
+) -> tuple[sitk.Image, sitk.Image]:
+    """Resample the network outputs onto the input grid; return (uint8 labels, float32 attention in [0, 1])."""
     # Class probabilities, not labels, are resampled, so label borders follow the input grid smoothly.
     size = ras_grid.GetSize()
     resampled = []
@@ -205,14 +205,63 @@ def _write_outputs(
     labels = np.argmax(np.stack(resampled), axis=0).astype(np.uint8)
     segmentation = sitk.GetImageFromArray(labels)
     segmentation.CopyInformation(reference)
-    write_image_atomic(segmentation, staging / "segmentation.nrrd")
 
     cells = attention[0, 0].cpu().numpy().astype(np.float32)
     cell_image = tensor_ijk_to_image(cells, cell_grid_image(ras_grid, cell_voxels, cells.shape))
     on_input = sitk.Resample(cell_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     on_input = sitk.Clamp(on_input, sitk.sitkFloat32, 0.0, 1.0)
     on_input.CopyInformation(reference)
-    write_image_atomic(on_input, staging / "attention.nrrd")
+    return segmentation, on_input
+
+
+def segment_image(
+    model,
+    preprocessing: dict,
+    reference: sitk.Image,
+    device: torch.device,
+    window_batch: int = 1,
+    progress: ProgressCallback | None = None,
+    timings: dict | None = None,
+) -> tuple[sitk.Image, sitk.Image]:
+    """Segment one CT with a segmentation network; return (labels, attention) on the input's exact grid.
+
+    Args:
+        model: a segmenter in eval mode on ``device``.
+        preprocessing: a bundle's ``preprocessing`` section (spacing, HU window, crop size, overlap).
+        reference: the CT in HU.
+        progress: called as ``progress(stage, fraction, message)`` in the stages preprocess and infer.
+        timings: when given, receives the seconds of the preprocess and infer stages.
+    """
+    progress = progress or (lambda stage, fraction, message: None)
+    timings = {} if timings is None else timings
+    stage_started = time.perf_counter()
+    progress("preprocess", 0.0, "resampling to the RAS grid")
+    spacing_mm = float(preprocessing["spacing_mm"][0])
+    roi_size = tuple(int(size) for size in preprocessing["crop_size"])
+    overlap = float(preprocessing.get("sliding_window_overlap", 0.5))
+    check_window_stride(roi_size, overlap, model.cell_voxels)
+    ras_image = resample_to_ras(reference, spacing_mm)
+    volume = window_hu(image_to_tensor_ijk(ras_image), tuple(preprocessing["hu_window"]))[None]
+    region = body_region(volume[0, 0], model.cell_voxels, BODY_THRESHOLD)
+    body = volume[(slice(None), slice(None), *region)]
+    body = pad_for_windows(body, roi_size, model.cell_voxels)
+    timings["preprocess"] = time.perf_counter() - stage_started
+
+    stage_started = time.perf_counter()
+    body_probabilities, body_attention = predict_volume(
+        model,
+        body.to(device),
+        roi_size,
+        overlap,
+        window_batch,
+        progress,
+        blend=preprocessing.get("sliding_window_blend", "gaussian"),
+    )
+    probabilities, attention = place_region(
+        body_probabilities.cpu(), body_attention.cpu(), region, tuple(volume.shape[2:]), model.cell_voxels
+    )
+    timings["infer"] = time.perf_counter() - stage_started
+    return segmentation_images(reference, ras_image, probabilities, attention, model.cell_voxels)
 
 
 def run_inference(
@@ -261,41 +310,16 @@ def run_inference(
         return _classify(model, description, reference, Path(model_dir), input_path, Path(output_dir), torch_device,
                          mask_path, point_ras, progress, timings, started)
 
-    stage_started = time.perf_counter()
-    progress("preprocess", 0.0, "resampling to the RAS grid")
-    spacing_mm = float(preprocessing["spacing_mm"][0])
-    roi_size = tuple(int(size) for size in preprocessing["crop_size"])
-    overlap = float(preprocessing.get("sliding_window_overlap", 0.5))
-    check_window_stride(roi_size, overlap, model.cell_voxels)
-    ras_image = resample_to_ras(reference, spacing_mm)
-    volume = window_hu(image_to_tensor_ijk(ras_image), tuple(preprocessing["hu_window"]))[None]
-    region = body_region(volume[0, 0], model.cell_voxels, BODY_THRESHOLD)
-    body = volume[(slice(None), slice(None), *region)]
-    body = pad_for_windows(body, roi_size, model.cell_voxels)
-    timings["preprocess"] = time.perf_counter() - stage_started
+    segmentation, attention = segment_image(model, preprocessing, reference, torch_device, window_batch, progress, timings)
 
     stage_started = time.perf_counter()
-    body_probabilities, body_attention = predict_volume(
-        model,
-        body.to(torch_device),
-        roi_size,
-        overlap,
-        window_batch,
-        progress,
-        blend=preprocessing.get("sliding_window_blend", "gaussian"),
-    )
-    probabilities, attention = place_region(
-        body_probabilities.cpu(), body_attention.cpu(), region, tuple(volume.shape[2:]), model.cell_voxels
-    )
-    timings["infer"] = time.perf_counter() - stage_started
-
-    stage_started = time.perf_counter()
-    progress("write", 0.0, "resampling results onto the input grid")
+    progress("write", 0.0, "writing the results")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".dagman-infer-", dir=output_dir))
     try:
-        _write_outputs(staging, reference, ras_image, probabilities, attention, model.cell_voxels)
+        write_image_atomic(segmentation, staging / "segmentation.nrrd")
+        write_image_atomic(attention, staging / "attention.nrrd")
         timings["write"] = time.perf_counter() - stage_started
         timings["total"] = time.perf_counter() - started
         result = {
@@ -356,7 +380,11 @@ def _classify(model, description, reference, model_dir: Path, input_path, output
     stage_started = time.perf_counter()
     progress("preprocess", 0.0, "resampling to the RAS grid and cutting the crop")
     mask = read_image(mask_path) if mask_path is not None else None
-    mode = "mask" if mask is not None else "point" if point_ras is not None else None
+    mode = None
+    if mask is not None:
+        mode = "mask"
+    elif point_ras is not None:
+        mode = "point"
     timings["preprocess"] = time.perf_counter() - stage_started
 
     stage_started = time.perf_counter()
