@@ -132,6 +132,7 @@ def test_parse_result_valid(tmp_path):
         (lambda r: r["labels"][0].update(color=[255, 0, 0]), "must be 3 numbers in \\[0, 1\\]"),
         (lambda r: r["labels"].append(dict(r["labels"][0])), "listed more than once"),
         (lambda r: r.update(labels={"1": "x"}), "'labels' must be a list"),
+        (lambda r: r.update(task="classification"), "is a classification model"),
     ],
 )
 def test_parse_result_invalid(tmp_path, change, message):

@@ -72,6 +72,12 @@ def parse_result(payload: Any, output_dir: Path) -> InferenceResult:
     model_name = _require_string(model, "name", "model.name")
     model_sha256 = _require_string(model, "sha256", "model.sha256")
 
+    # NOTE: the module shows segmentation results only; classification results are read from result.json by hand.
+    if payload.get("task") == "classification":
+        raise ResultFormatError(
+            f"model {model_name!r} is a classification model, and this module shows segmentation models only; "
+            f"the class probabilities are in {Path(output_dir) / RESULT_FILE_NAME}"
+        )
     outputs = payload.get("outputs")
     if not isinstance(outputs, dict):
         raise ResultFormatError(f"{RESULT_FILE_NAME}: 'outputs' must be an object with 'segmentation' and 'attention'")
