@@ -357,6 +357,18 @@ def test_segmentation_finetune_validates(ct_data: Path, tmp_path: Path):
     assert summary["validation"]["cases"] == 1
     assert 0.0 <= written["cases"][0]["labels"]["Lung tumor"]["dice"] <= 1.0
     assert written["summary"]["Lung tumor"]["lesions_by_size"]["large"]["lesions"] == 1
-    assert [record["step"] for record in records if "validation_dice_Lung tumor" in record] == [1]
+    # One check after step index 0 (every step, the last excluded) and the final one after step index 1.
+    assert [record["step"] for record in records if "validation_dice_Lung tumor" in record] == [0, 1]
     assert json.loads((run / "finetune.json").read_text())["validation"]["summary"] == written["summary"]
     assert_png(run / "validation_dice.png")
+
+
+def test_point_with_segmentation_model_fails(tiny_model_bundle: Path, ct_data: Path, tmp_path: Path, capsys):
+    image = ct_data / "pyradiomics_lung_tumor" / "lung1_image.nrrd"
+
+    code = dagman(["infer", "--model", str(tiny_model_bundle), "--input", str(image), "--output", str(tmp_path),
+                   "--point", "0,150,-650", "--device", "cpu", "--progress", "none"])
+
+    assert code == 1
+    assert "is a segmentation model" in capsys.readouterr().err
+    assert not (tmp_path / "result.json").exists()

@@ -122,20 +122,28 @@ def test_resume_after_kill_repeats_losses(two_blocks: Path, tmp_path: Path):
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_stop_signal_saves_checkpoint(stop_signal, two_blocks: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    "stop_signal, workers, whole_group",
+    [(signal.SIGTERM, 0, False), (signal.SIGUSR1, 0, False), (signal.SIGTERM, 2, True)],
+    ids=["SIGTERM", "SIGUSR1", "SIGTERM to the group with loader workers"],
+)
+def test_stop_signal_saves_checkpoint(stop_signal, workers: int, whole_group: bool, two_blocks: Path, tmp_path: Path):
     run = tmp_path / "run"
+    # torchrun and SLURM signal the whole process group, loader workers included.
     process = subprocess.Popen(
-        dagman_command("pretrain", "--config", "tiny_cpu", *settings("train.checkpoint_every_steps=1000"),
+        dagman_command("pretrain", "--config", "tiny_cpu", *settings("train.checkpoint_every_steps=1000", f"data.num_workers={workers}"),
                        "--datalist", str(two_blocks), "--output", str(run), "--max-steps", "200"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=whole_group,
     )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
     while time.monotonic() < deadline and len((run / "metrics.jsonl").read_text().splitlines()) < 2:
         time.sleep(0.05)
-    process.send_signal(stop_signal)
+    if whole_group:
+        os.killpg(process.pid, stop_signal)
+    else:
+        process.send_signal(stop_signal)
     stdout, stderr = process.communicate(timeout=300)
 
     assert process.returncode == 0, stderr
@@ -247,3 +255,16 @@ def test_tensorboard_receives_step_scalars(two_blocks: Path, tmp_path: Path):
                  "teacher_kl_uniform", "masked_fraction", "volumes_per_second"):
         assert f"pretrain/{name}" in tags
     assert [event.step for event in events.Scalars("pretrain/loss")] == [0, 1]
+
+
+def test_new_run_refuses_used_folder(two_blocks: Path, tmp_path: Path):
+    from dagman_core.config import load_config
+    from dagman_train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+
+    with pytest.raises(ValueError, match="continue it with --resume"):
+        pretrain(load_config("tiny_cpu", overrides=SETTINGS), two_blocks, run, max_steps=1, show_progress=False)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 0, "loss": 1.0}\n'

@@ -135,6 +135,14 @@ def load_crops(cases: list[Case], config: DAGMaNConfig, crop_mode: str = "auto",
         bar.close()
 
 
+def check_folds(labels: np.ndarray, folds: int) -> None:
+    """Raise unless every class has at least ``folds`` cases (and ``folds`` is at least 2)."""
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if folds < 2 or folds > smallest:
+        hint = f"use --folds {smallest} or fewer" if smallest >= 2 else "add cases to the smallest class"
+        raise ValueError(f"--folds {folds} needs at least {folds} cases of every class, but the smallest class has {smallest}; {hint}")
+
+
 def stratified_folds(labels: np.ndarray, groups: list[str], folds: int, seed: int) -> list[np.ndarray]:
     """Return the held-out indices of each of ``folds`` stratified folds.
 
@@ -143,11 +151,11 @@ def stratified_folds(labels: np.ndarray, groups: list[str], folds: int, seed: in
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-    smallest = int(np.unique(labels, return_counts=True)[1].min())
-    if folds < 2 or folds > smallest:
-        raise ValueError(f"--folds {folds} needs at least {folds} cases of every class, but the smallest class has {smallest}")
+    check_folds(labels, folds)
     indices = np.arange(len(labels))
-    if len(set(groups)) >= folds:
+    if len(set(groups)) < folds:
+        logger.warning("the cases come from %d patients, fewer than %d folds; folds mix patients", len(set(groups)), folds)
+    else:
         grouped = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         splits = [test for _, test in grouped.split(indices, labels, groups)]
         if all(len(np.unique(labels[test])) == len(np.unique(labels)) for test in splits):
@@ -375,8 +383,12 @@ def finetune_classification(
     started = time.perf_counter()
 
     cases, names = load_cases(datalist, label_field, labels_csv)
-    load_crops(cases, config, crop_mode, show_progress)
     labels = np.asarray([case.label for case in cases])
+    if folds:
+        check_folds(labels, folds)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"--fraction must lie in (0, 1], got {fraction}")
+    load_crops(cases, config, crop_mode, show_progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, config)
 
@@ -409,7 +421,7 @@ def finetune_classification(
         "crop": {"mode": crop_mode, "size_voxels": config.data.crop_size, "spacing_mm": config.data.spacing_mm},
         "steps": steps,
         "lr": lr,
-        "batch_size": batch_size,
+        "batch_size": batch_size if mode == "full" else None,
         "seed": seed,
         "fraction": fraction,
         "seconds": round(time.perf_counter() - started, 2),
@@ -436,7 +448,7 @@ def _cross_validate(cases, labels, names, folds, fraction, seed, fit, device, ru
         training = np.setdiff1d(np.arange(len(cases)), held_out)
         if fraction is not None:
             training = few_shot(training, labels, fraction, seed + number)
-        logger.info("fold %d of %d: %d training and %d held-out cases", number + 1, folds, len(training), len(held_out))
+        logger.info("fold %d (%d of %d): %d training and %d held-out cases", number, number + 1, folds, len(training), len(held_out))
         model = fit(training, seed + 1000 * (number + 1))
         probabilities[held_out] = predict(model, [cases[index].crop.image for index in held_out], device)
         fold_of[held_out] = number

@@ -112,10 +112,10 @@ def _embed(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label-field", default="class", help="classification: the datalist field holding each case's class (default: class)")
-    parser.add_argument("--labels-csv", default=None, help="classification: CSV of 'case_id,label' rows, in place of the datalist field")
-    parser.add_argument("--seed", type=int, default=0, help="seed of folds, few-shot draws, bootstrap and UMAP (default: 0)")
+def _add_label_arguments(parser, seed_help: str, prefix: str = "") -> None:
+    parser.add_argument("--label-field", default="class", help=f"{prefix}the datalist field holding each case's class (default: class)")
+    parser.add_argument("--labels-csv", default=None, help=f"{prefix}CSV of 'case_id,label' rows, in place of the datalist field")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {seed_help} (default: 0)")
 
 
 def _export(arguments: argparse.Namespace) -> int:
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--crop", choices=("auto", "mask", "point", "whole"), default="auto",
         help="centre each crop on the case's 'mask', its 'point' (RAS mm) or the body; auto takes the first given (default: auto)",
     )
-    _add_label_arguments(classification)
+    _add_label_arguments(classification, "the folds, few-shot draws, bootstrap and training")
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model bundle on labelled cases: metrics.json, report.md and plots")
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", required=True, help="folder for metrics.json, report.md and the plots")
     evaluate.add_argument("--split", default=None, help="datalist list to read (default: validation when present, else training)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    _add_label_arguments(evaluate)
+    _add_label_arguments(evaluate, "the bootstrap interval", prefix="classification: ")
     evaluate.set_defaults(handler=_evaluate)
 
     embed = commands.add_parser("embed", help="pooled encoder features per case, cluster distances per class and a UMAP plot")
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", required=True, help="folder for features.npz, embedding.csv, cluster_distances.json and umap.png")
     embed.add_argument("--pooling", choices=("cls", "stage4"), default="cls", help="feature: the SA [CLS] token or pooled stage-4 tokens (default: cls)")
     embed.add_argument("--crop", choices=("auto", "mask", "point", "whole"), default="auto", help="where each crop is centred (default: auto)")
-    embed.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    _add_label_arguments(embed)
+    embed.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    _add_label_arguments(embed, "the UMAP projection")
     embed.set_defaults(handler=_embed)
 
     export = commands.add_parser("export", help="bundle a fine-tuning run as a model folder for inference and Slicer")

@@ -150,11 +150,12 @@ def summarize_segmentation(rows: list[dict], labels: dict[int, str], output_dir:
             "hd95_mm_median": float(np.median(distances)) if distances else None,
             "hd95_undefined_cases": len(rows) - len(distances),
             "lesions_by_size": per_size,
+            "false_positive_components": int(sum(row["labels"][name]["lesions"]["false_positive_components"] for row in rows)),
         }
         if output_dir is not None:
             suffix = "" if value == min(labels) else f"_{_slug(name)}"
             path = output_dir / f"{prefix}{suffix}.png"
-            plot_per_case([row["id"] for row in rows], dices.tolist(), path, "Dice", f"{name}: Dice per case")
+            plot_per_case([row["id"] for row in rows], dices.tolist(), path, "Dice", f"{name}: Dice per case", ylim=(0.0, 1.0))
     return summary
 
 
@@ -199,14 +200,17 @@ def _report(metrics: dict) -> str:
     """Return ``report.md``: the model, the data and a table of the metrics."""
     lines = [f"# Evaluation of {metrics['model']['name']}", "", f"Datalist: `{metrics['datalist']}` (list `{metrics['split']}`).", ""]
     if metrics["task"] == "segmentation":
-        lines += ["| label | cases | Dice (mean ± sd) | HD95 mm (mean / median) | lesions ≤ 3 cc detected | lesions > 3 cc detected |",
-                  "|---|---:|---|---|---|---|"]
+        lines += ["A lesion is a connected component of the reference; it counts as detected when at least one predicted "
+                  "voxel lies inside it. False positives are predicted components that touch no lesion.", "",
+                  "| label | cases | Dice (mean ± sd) | HD95 mm (mean / median) | lesions ≤ 3 cc detected | lesions > 3 cc detected | false positives |",
+                  "|---|---:|---|---|---|---|---:|"]
         cases = len(metrics["cases"])
         for name, entry in metrics["summary"].items():
             small, large = entry["lesions_by_size"]["small"], entry["lesions_by_size"]["large"]
             hd95 = "n/a" if entry["hd95_mm_mean"] is None else f"{entry['hd95_mm_mean']:.1f} / {entry['hd95_mm_median']:.1f}"
             lines.append(f"| {name} | {cases} | {entry['dice_mean']:.3f} ± {entry['dice_std']:.3f} | {hd95} | "
-                         f"{small['detected']} of {small['lesions']} | {large['detected']} of {large['lesions']} |")
+                         f"{small['detected']} of {small['lesions']} | {large['detected']} of {large['lesions']} | "
+                         f"{entry['false_positive_components']} |")
         lines += ["", "| case | " + " | ".join(f"{name} Dice | {name} HD95 mm" for name in metrics["summary"]) + " |",
                   "|---|" + "---:|---:|" * len(metrics["summary"])]
         for row in metrics["cases"]:

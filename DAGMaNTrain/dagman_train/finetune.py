@@ -141,7 +141,7 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
                 if validate_every and validation_cases and step % validate_every == 0 and step < total_steps:
                     if context.is_main:
                         scores = _validate(model, config, validation_cases, names, torch_device)
-                        metrics.write({"step": step, **{f"validation_dice_{name}": entry["dice_mean"] for name, entry in scores.items()}})
+                        metrics.write(_validation_record(step - 1, scores))
                         model.train()
                     context.barrier()
     finally:
@@ -157,6 +157,9 @@ def _finetune(context: DistributedContext, pretrained_run: Path, datalist: Path,
     if validation_cases:
         rows_summary = _validate(model, config, validation_cases, names, torch_device, run_dir)
         validation = {"cases": len(validation_cases), "summary": rows_summary}
+        final = MetricsLog(run_dir / "metrics.jsonl", append=True)
+        final.write(_validation_record(step - 1, rows_summary))
+        final.close()
     summary = {
         "task": "segmentation",
         "num_classes": num_classes,
@@ -180,6 +183,11 @@ def _validation_cases(datalist: Path) -> list[dict]:
     if not content.get("validation"):
         return []
     return load_datalist(datalist, "validation", require_labels=True)
+
+
+def _validation_record(step: int, scores: dict) -> dict:
+    """Return the metrics.jsonl line of a validation check after step index ``step`` (0-based, as loss lines)."""
+    return {"step": step, **{f"validation_dice_{name}": entry["dice_mean"] for name, entry in scores.items()}}
 
 
 def _validate(model, config, cases: list[dict], names: dict[int, str], device, run_dir: Path | None = None) -> dict:

@@ -79,6 +79,7 @@ def plot_per_case(
     path: str | os.PathLike,
     ylabel: str,
     title: str,
+    ylim: tuple[float, float] | None = None,
 ) -> Path:
     """Draw one bar per case in the given order (for example Dice per case) with the mean as a line.
 
@@ -88,6 +89,7 @@ def plot_per_case(
         path: target PNG file.
         ylabel: y-axis label, with its unit if any.
         title: figure title.
+        ylim: fixed y-axis range, such as (0, 1) for Dice; None scales it to the values.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
@@ -110,6 +112,8 @@ def plot_per_case(
     axes.set_xticks(positions)
     axes.set_xticklabels([str(name) for name in names], rotation=60, ha="right", fontsize=8)
     axes.set_ylabel(ylabel)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
     axes.set_title(_wrapped(title), fontsize=11)
     axes.grid(axis="y", alpha=0.3)
     return _save_atomically(figure, Path(path))

@@ -109,6 +109,16 @@ class StopRequest:
         logger.warning("received %s: saving a checkpoint after this step, then exiting", self.signal_name)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Make a loader worker ignore SIGTERM and SIGUSR1, so that the trainer can finish its step and save.
+
+    torchrun and SLURM signal the whole process group, which contains the loader workers too. A worker
+    that died of the signal would make the trainer's next batch fail before the checkpoint is written.
+    """
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 class NonFiniteLossError(FloatingPointError):
     """Too many steps in a row had a NaN or infinite loss."""
 
@@ -225,6 +235,11 @@ def _pretrain(context: DistributedContext, config, datalist: Path, run_dir: Path
             raise FileNotFoundError(f"no checkpoint to resume from in {run_dir / 'checkpoints'}; start without --resume")
         checkpoint, checkpoint_file = found
         logger.info("resuming from %s (step %d)", checkpoint_file, checkpoint["step"])
+    elif (run_dir / "metrics.jsonl").exists() or any((run_dir / "checkpoints").glob("checkpoint-*.pt")):
+        raise ValueError(
+            f"run folder {run_dir} already contains a pretraining run; continue it with --resume, "
+            "or choose a new --output (or delete the folder) to start afresh"
+        )
     seed_everything(config.train.seed)
     train = config.train
 
@@ -256,7 +271,7 @@ def _pretrain(context: DistributedContext, config, datalist: Path, run_dir: Path
     dataset = PretrainingViews(usable, config, cache_dir)
     sampler = StepBatchSampler(len(usable), train.batch_size, context.world_size, context.rank, train.seed, start_step, total_steps)
     loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.data.num_workers,
+        dataset, batch_sampler=sampler, num_workers=config.data.num_workers, worker_init_fn=ignore_stop_signals,
         persistent_workers=config.data.num_workers > 0, pin_memory=context.device.type == "cuda",
     )
 

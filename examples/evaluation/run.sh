@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the example run of docs/evaluation.md at tiny_cpu size on the real scans (about 15 minutes
+# Reproduce the example run of docs/evaluation.md at tiny_cpu size on the real scans (about 20 minutes
 # on 2 CPU cores). Usage: examples/evaluation/run.sh [DATA_DIR] [OUTPUT_DIR]
 set -euo pipefail
 

@@ -118,7 +118,9 @@ def classification_crop(
     elif mode == "point":
         center = _ras_to_index(ras_grid, point_ras)
         if np.any(center < -0.5) or np.any(center > np.asarray(volume.shape) - 0.5):
-            raise ValueError(f"point {point_ras} (RAS mm) lies outside the scan; give a point inside the CT")
+            corners = np.asarray([_index_to_ras(ras_grid, np.asarray(index)) for index in ([0, 0, 0], np.asarray(volume.shape) - 1)])
+            extent = ", ".join(f"{axis} {low:.0f} to {high:.0f}" for axis, low, high in zip("RAS", corners.min(0), corners.max(0)))
+            raise ValueError(f"point {point_ras} (RAS mm) lies outside the scan, which spans {extent} mm; give a point inside the CT")
     else:
         body = np.argwhere(volume.numpy() > BODY_THRESHOLD)
         extent = (body.min(axis=0), body.max(axis=0)) if len(body) else (np.zeros(3), np.asarray(volume.shape) - 1)

@@ -50,7 +50,8 @@ class BarProgress:
         if stage == "infer":
             if self.bar is None:
                 # No rate in the bar: it jumps by whole windows, which makes a rate in %/s meaningless.
-                self.bar = tqdm(total=100, desc="sliding windows", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+                description = "sliding windows" if message.startswith("window") else "classifying"
+                self.bar = tqdm(total=100, desc=description, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
             # The fraction is of the whole run; the bar shows the share of windows done.
             start, end = STAGE_SPANS["infer"]
             self.bar.n = round(100 * (fraction - start) / (end - start))
@@ -81,6 +82,8 @@ def run(arguments: argparse.Namespace) -> int:
             mask_path=arguments.mask, point_ras=point,
         )
     except (OSError, ValueError, RuntimeError) as error:
+        if isinstance(progress, BarProgress) and progress.bar is not None:
+            progress.bar.close()
         message = f"inference failed: {error}"
         if arguments.progress == "json":
             print(json.dumps({"stage": "error", "fraction": 1.0, "message": message}), flush=True)

@@ -299,6 +299,8 @@ def run_inference(
     timings = {}
     started = time.perf_counter()
     torch_device = resolve_device(device)
+    if mask_path is not None and point_ras is not None:
+        raise ValueError("give a lesion mask or a point to centre the crop on, not both")
 
     progress("load", 0.0, f"loading model from {model_dir}")
     model, description = load_bundle(model_dir, torch_device)
@@ -306,6 +308,11 @@ def run_inference(
     progress("load", 0.5, f"reading {input_path}")
     reference = read_image(input_path)
     timings["load"] = time.perf_counter() - started
+    if description["task"] != "classification" and (mask_path is not None or point_ras is not None):
+        raise ValueError(
+            f"a mask or point places a classification crop, but {description['name']!r} is a segmentation model, "
+            "which reads the whole CT; leave out --mask and --point"
+        )
     if description["task"] == "classification":
         return _classify(model, description, reference, Path(model_dir), input_path, Path(output_dir), torch_device,
                          mask_path, point_ras, progress, timings, started)
