@@ -144,7 +144,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.attentionNode = outputs.attention_node
             self.logic.set_attention_opacity(self.ui.attentionOpacitySlider.value, self.attentionNode)
-            self.ui.statusLabel.text = f"Done in {time.monotonic() - self.startTime:.1f} s"
+            self.ui.statusLabel.text = f"Done in {time.monotonic() - self.startTime:.1f} s: {outputs.summary}"
         finally:
             self.updateApplyButton()
 

@@ -252,3 +252,51 @@ def test_real_inference_tiny_model(slicer_scene_with_views, tiny_model_bundle):
         assert node.GetAttribute(ATTRIBUTE_LAYER) == layer
     composite_node = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
     assert composite_node.GetForegroundVolumeID() == attention.GetID()
+
+
+def test_real_classification_tiny_model(slicer_scene_with_views, tmp_path):
+    import torch
+
+    from dagman_core.bundle import write_bundle
+    from dagman_core.config import load_config
+    from dagman_core.models.classification import DAGMaNClassifier
+    from DAGMaNLib.outputs import ATTRIBUTE_PREDICTED_CLASS, ATTRIBUTE_PROBABILITY_PREFIX
+
+    torch.manual_seed(0)
+    bundle = write_bundle(
+        tmp_path / "classifier", DAGMaNClassifier(load_config("tiny_cpu"), num_classes=2),
+        labels={0: "benign", 1: "malignant"}, name="tiny classifier", training_data={"cases": 0}, task="classification",
+    )
+    scene = slicer_scene_with_views
+    volume_node = add_synthetic_ct_volume(
+        scene, name="Tiny CT", shape_kji=(20, 40, 44), spacing_mm=(1.6, 1.5, 3.0),
+        origin_ras_mm=(-30.0, 12.0, -25.0), directions=oblique_directions(0.1, 0.05),
+    )
+    segmentations_before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+
+    outputs = DAGMaNLogic().run(volume_node, bundle, device="cpu", timeout_s=REAL_INFERENCE_TIMEOUT_S)
+
+    assert outputs.segmentation_node is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations_before
+    table = outputs.table_node.GetTable()
+    assert [table.GetColumn(index).GetName() for index in range(3)] == ["Model", "Class", "Probability"]
+    assert table.GetNumberOfRows() == 2
+    rows = {table.GetValue(row, 1).ToString(): table.GetValue(row, 2).ToDouble() for row in range(2)}
+    assert rows == pytest.approx(outputs.result.probabilities, abs=1e-9)
+    assert sum(rows.values()) == pytest.approx(1.0, abs=1e-5)
+    assert table.GetValue(0, 0).ToString() == "tiny classifier"
+    for node, layer in ((outputs.table_node, "classification"), (outputs.attention_node, "attention")):
+        assert node.GetAttribute(ATTRIBUTE_LAYER) == layer
+        assert node.GetAttribute(ATTRIBUTE_PREDICTED_CLASS) == outputs.result.predicted
+        for name, probability in rows.items():
+            assert float(node.GetAttribute(f"{ATTRIBUTE_PROBABILITY_PREFIX}{name}")) == pytest.approx(probability, abs=1e-6)
+    assert outputs.result.predicted in outputs.summary
+
+    attention = outputs.attention_node
+    voxels = slicer.util.arrayFromVolume(attention)
+    assert np.allclose(ijk_to_ras_array(attention), ijk_to_ras_array(volume_node), atol=1e-4)
+    assert voxels.min() >= 0.0
+    assert voxels.max() <= 1.0
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    volume_parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volume_node))
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs.table_node)) == volume_parent

@@ -155,7 +155,7 @@ class DAGMaNLogic:
                     "inference, so its results were discarded"
                 )
 
-            job.report(CHILD_PROGRESS_SHARE, "Loading segmentation and attention map")
+            job.report(CHILD_PROGRESS_SHARE, "Loading the results and the attention map")
             result = read_result(job.output_dir)
             outputs = load_outputs(job.volume_node, result, self.attention_threshold, self.attention_opacity)
             job.report(1.0, "Done")

@@ -41,9 +41,11 @@ class InferenceResult:
     device: str
     timings_s: dict[str, float]
     labels: tuple[LabelInfo, ...]
-    segmentation_path: Path
+    segmentation_path: Path | None
     attention_path: Path
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)
+    predicted: str | None = None
 
 
 def read_result(output_dir: Path) -> InferenceResult:
@@ -72,32 +74,37 @@ def parse_result(payload: Any, output_dir: Path) -> InferenceResult:
     model_name = _require_string(model, "name", "model.name")
     model_sha256 = _require_string(model, "sha256", "model.sha256")
 
-    # NOTE: the module shows segmentation results only; classification results are read from result.json by hand.
-    if payload.get("task") == "classification":
-        raise ResultFormatError(
-            f"model {model_name!r} is a classification model, and this module shows segmentation models only; "
-            f"the class probabilities are in {Path(output_dir) / RESULT_FILE_NAME}"
-        )
+    task = str(payload.get("task", "segmentation"))
+    classification = task == "classification"
     outputs = payload.get("outputs")
     if not isinstance(outputs, dict):
         raise ResultFormatError(f"{RESULT_FILE_NAME}: 'outputs' must be an object with 'segmentation' and 'attention'")
-    segmentation_path = _resolve_output(output_dir, _require_string(outputs, "segmentation", "outputs.segmentation"))
+    segmentation_path = None
+    if not classification:
+        segmentation_path = _resolve_output(output_dir, _require_string(outputs, "segmentation", "outputs.segmentation"))
     attention_path = _resolve_output(output_dir, _require_string(outputs, "attention", "outputs.attention"))
 
     labels_payload = payload.get("labels", [])
     if not isinstance(labels_payload, list):
         raise ResultFormatError(f"{RESULT_FILE_NAME}: 'labels' must be a list, got {type(labels_payload).__name__}")
-    labels = tuple(_parse_label(item, index) for index, item in enumerate(labels_payload))
+    # Class 0 is a class of its own; in a segmentation, 0 is the background and never listed.
+    lowest_value = 0 if classification else 1
+    labels = tuple(_parse_label(item, index, lowest_value) for index, item in enumerate(labels_payload))
     values = [label.value for label in labels]
     duplicates = sorted({value for value in values if values.count(value) > 1})
     if duplicates:
         raise ResultFormatError(f"{RESULT_FILE_NAME}: label values {duplicates} are listed more than once")
 
+    probabilities, predicted = {}, None
+    if classification:
+        probabilities = _parse_probabilities(payload.get("probabilities"), labels)
+        predicted = max(probabilities, key=probabilities.get)
+
     timings = payload.get("timings_s", {})
     if not isinstance(timings, dict):
         timings = {}
     return InferenceResult(
-        task=str(payload.get("task", "segmentation")),
+        task=task,
         model_name=model_name,
         model_sha256=model_sha256,
         device=str(payload.get("device", "")),
@@ -106,18 +113,34 @@ def parse_result(payload: Any, output_dir: Path) -> InferenceResult:
         segmentation_path=segmentation_path,
         attention_path=attention_path,
         raw=payload,
+        probabilities=probabilities,
+        predicted=predicted,
     )
 
 
-def _parse_label(item: Any, index: int) -> LabelInfo:
+def _parse_probabilities(payload: Any, labels: tuple[LabelInfo, ...]) -> dict[str, float]:
+    """Check a classification result's ``probabilities``: one number in [0, 1] per listed class."""
+    names = [label.name for label in labels]
+    if not isinstance(payload, dict) or sorted(payload) != sorted(names):
+        raise ResultFormatError(f"{RESULT_FILE_NAME}: 'probabilities' must map each class {names} to a number")
+    probabilities = {}
+    for name in names:
+        value = payload[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ResultFormatError(f"{RESULT_FILE_NAME}: probability of {name!r} is {value!r}; it must lie in [0, 1]")
+        probabilities[name] = float(value)
+    return probabilities
+
+
+def _parse_label(item: Any, index: int, lowest_value: int = 1) -> LabelInfo:
     where = f"labels[{index}]"
     if not isinstance(item, dict):
         raise ResultFormatError(f"{RESULT_FILE_NAME}: {where} must be an object, got {item!r}")
 
     value = item.get("value")
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LABEL_VALUE:
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest_value <= value <= MAX_LABEL_VALUE:
         raise ResultFormatError(
-            f"{RESULT_FILE_NAME}: {where}.value {value!r} is invalid; label values are integers in 1..{MAX_LABEL_VALUE}"
+            f"{RESULT_FILE_NAME}: {where}.value {value!r} is invalid; label values are integers in {lowest_value}..{MAX_LABEL_VALUE}"
         )
     name = _require_string(item, "name", f"{where}.name")
 
