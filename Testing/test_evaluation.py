@@ -372,3 +372,50 @@ def test_point_with_segmentation_model_fails(tiny_model_bundle: Path, ct_data: P
     assert code == 1
     assert "is a segmentation model" in capsys.readouterr().err
     assert not (tmp_path / "result.json").exists()
+
+
+def test_out_of_memory_retries_smaller(tiny_model_bundle: Path, ct_data: Path, monkeypatch, caplog):
+    from dagman_core.inference import pipeline
+
+    model, description = load_bundle(tiny_model_bundle)
+    image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / "lung1_image.nrrd"))[150:300, 280:430, 20:40]
+    expected, _ = pipeline.segment_image(model, description["preprocessing"], image, torch.device("cpu"), window_batch=1)
+    real_predict = pipeline.predict_volume
+    batches = []
+
+    def predict_or_run_out(model, volume, roi_size, overlap, window_batch, progress, blend):
+        batches.append(window_batch)
+        if window_batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_predict(model, volume, roi_size, overlap, window_batch, progress, blend=blend)
+
+    monkeypatch.setattr(pipeline, "predict_volume", predict_or_run_out)
+    messages = []
+
+    segmentation, _ = pipeline.segment_image(
+        model, description["preprocessing"], image, torch.device("cpu"), window_batch=4,
+        progress=lambda stage, fraction, message: messages.append(message),
+    )
+
+    assert batches == [4, 1]
+    assert "retrying with 1 on cpu" in caplog.text
+    assert any("out of memory" in message for message in messages)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(segmentation), sitk.GetArrayFromImage(expected))
+
+
+def test_other_errors_are_not_retried(tiny_model_bundle: Path, ct_data: Path, monkeypatch):
+    from dagman_core.inference import pipeline
+
+    model, description = load_bundle(tiny_model_bundle)
+    image = sitk.ReadImage(str(ct_data / "pyradiomics_lung_tumor" / "lung1_image.nrrd"))[150:300, 280:430, 20:40]
+    batches = []
+
+    def fail(model, volume, roi_size, overlap, window_batch, progress, blend):
+        batches.append(window_batch)
+        raise RuntimeError("Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(pipeline, "predict_volume", fail)
+
+    with pytest.raises(RuntimeError, match="same device"):
+        pipeline.segment_image(model, description["preprocessing"], image, torch.device("cpu"), window_batch=4)
+    assert batches == [4]

@@ -40,9 +40,13 @@ STAGE_SPANS = {"load": (0.0, 0.05), "preprocess": (0.05, 0.1), "infer": (0.1, 0.
 def overall_progress(progress: ProgressCallback) -> ProgressCallback:
     """Wrap ``progress`` so that each stage's own fraction becomes a fraction of the whole run."""
 
+    highest = [0.0]
+
     def report(stage: str, fraction: float, message: str) -> None:
         start, end = STAGE_SPANS.get(stage, (0.0, 1.0))
-        progress(stage, start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+        # A retry after running out of memory starts its windows again; the reported share never falls.
+        highest[0] = max(highest[0], start + (end - start) * min(max(fraction, 0.0), 1.0))
+        progress(stage, highest[0], message)
 
     return report
 
@@ -214,6 +218,40 @@ def segmentation_images(
     return segmentation, on_input
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return whether ``error`` is torch running out of GPU or CPU memory."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def predict_with_fallback(model, body, roi_size, overlap, window_batch, device, progress, blend):
+    """Run ``predict_volume``; on running out of memory retry with one window per pass, then on the CPU.
+
+    Each retry is logged and reported through ``progress``, so the user learns why the run slowed down.
+    """
+    attempts = [(window_batch, torch.device(device))]
+    if window_batch > 1:
+        attempts.append((1, torch.device(device)))
+    if torch.device(device).type != "cpu":
+        attempts.append((1, torch.device("cpu")))
+
+    def attempt(batch: int, target: torch.device):
+        model.to(target)
+        return predict_volume(model, body.to(target), roi_size, overlap, batch, progress, blend=blend)
+
+    for (batch, target), (next_batch, next_target) in zip(attempts, attempts[1:]):
+        try:
+            return attempt(batch, target)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if target.type == "cuda":
+                torch.cuda.empty_cache()
+            message = f"out of memory on {target} with {batch} window(s) per pass; retrying with {next_batch} on {next_target}"
+            logger.warning(message)
+            progress("infer", 0.0, message)
+    return attempt(*attempts[-1])
+
+
 def segment_image(
     model,
     preprocessing: dict,
@@ -248,15 +286,8 @@ def segment_image(
     timings["preprocess"] = time.perf_counter() - stage_started
 
     stage_started = time.perf_counter()
-    body_probabilities, body_attention = predict_volume(
-        model,
-        body.to(device),
-        roi_size,
-        overlap,
-        window_batch,
-        progress,
-        blend=preprocessing.get("sliding_window_blend", "gaussian"),
-    )
+    blend = preprocessing.get("sliding_window_blend", "gaussian")
+    body_probabilities, body_attention = predict_with_fallback(model, body, roi_size, overlap, window_batch, device, progress, blend)
     probabilities, attention = place_region(
         body_probabilities.cpu(), body_attention.cpu(), region, tuple(volume.shape[2:]), model.cell_voxels
     )
