@@ -79,6 +79,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateApplyButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.attentionOpacitySlider.connect("valueChanged(double)", self.onAttentionOpacityChanged)
+        self.ui.keepResultsCheckBox.connect("toggled(bool)", self.onKeepResultsToggled)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
         self.updateApplyButton()
@@ -151,6 +152,9 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, fraction, message):
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
+
+    def onKeepResultsToggled(self, checked):
+        self.logic.keep_previous_results = checked
 
     def onAttentionOpacityChanged(self, value):
         if self.attentionNode is not None and self.attentionNode.GetScene() is not None:

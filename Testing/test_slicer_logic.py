@@ -405,3 +405,22 @@ def test_removed_volume_discards_results(slicer_scene, tmp_path):
         logic.finish(job)
     assert slicer_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert not job.temp_dir.exists()
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["replace", "keep"])
+def test_new_run_replaces_earlier_results(oblique_ct, tmp_path, keep):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    scene = oblique_ct.GetScene()
+    logic = DAGMaNLogic(runner=FakeInferenceRunner(), python_executable="python-for-test", keep_previous_results=keep)
+
+    first = logic.run(oblique_ct, model_dir, device="cpu")
+    logic.runner = FakeInferenceRunner()
+    second = logic.run(oblique_ct, model_dir, device="cpu")
+
+    segmentations = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    assert second.segmentation_node in segmentations
+    assert second.attention_node.GetScene() is scene
+    assert (first.segmentation_node in segmentations) is keep
+    assert (first.attention_node.GetScene() is scene) is keep
+    assert oblique_ct.GetScene() is scene

@@ -26,6 +26,7 @@ EXPECTED_WIDGETS = {
         "progressBar": "QProgressBar",
         "statusLabel": "QLabel",
         "attentionOpacitySlider": "ctkSliderWidget",
+        "keepResultsCheckBox": "QCheckBox",
         "inputsCollapsibleButton": "ctkCollapsibleButton",
     },
     "DAGMaNTrain": {

@@ -13,7 +13,7 @@ from .command import DEVICES, build_child_environment, build_inference_command, 
 from .display import DEFAULT_FOREGROUND_OPACITY, DEFAULT_LOWER_THRESHOLD, set_foreground_opacity
 from .errors import InferenceCancelled, InferenceError
 from .job import CHILD_PROGRESS_SHARE, InferenceJob, JobState, ProgressCallback
-from .outputs import InferenceOutputs, load_outputs
+from .outputs import InferenceOutputs, load_outputs, remove_previous_results
 from .results import read_result
 from .runner import ProcessRunner, SubprocessRunner
 from .volume_io import write_volume_node
@@ -42,6 +42,7 @@ class DAGMaNLogic:
         attention_threshold: float = DEFAULT_LOWER_THRESHOLD,
         attention_opacity: float = DEFAULT_FOREGROUND_OPACITY,
         keep_temporary_files: bool = False,
+        keep_previous_results: bool = False,
     ):
         """Create the logic.
 
@@ -50,12 +51,15 @@ class DAGMaNLogic:
         :param attention_threshold: attention values below it are transparent in slice views (0..1).
         :param attention_opacity: foreground opacity of the attention map over the CT (0..1).
         :param keep_temporary_files: keep the input/output folder after the run, for debugging.
+        :param keep_previous_results: keep the result nodes of earlier runs of the same model on the same
+            volume; by default a successful run replaces them.
         """
         self.runner = runner if runner is not None else SubprocessRunner()
         self.python_executable = python_executable
         self.attention_threshold = attention_threshold
         self.attention_opacity = attention_opacity
         self.keep_temporary_files = keep_temporary_files
+        self.keep_previous_results = keep_previous_results
         self.job: Optional[InferenceJob] = None
 
     def run(
@@ -158,6 +162,9 @@ class DAGMaNLogic:
             job.report(CHILD_PROGRESS_SHARE, "Loading the results and the attention map")
             result = read_result(job.output_dir)
             outputs = load_outputs(job.volume_node, result, self.attention_threshold, self.attention_opacity)
+            if not self.keep_previous_results:
+                new_nodes = (outputs.segmentation_node, outputs.attention_node, outputs.table_node)
+                remove_previous_results(job.volume_node, result.model_sha256, keep=new_nodes)
             job.report(1.0, "Done")
             return outputs
         finally:

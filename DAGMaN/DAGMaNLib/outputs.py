@@ -156,6 +156,37 @@ def _check_geometry(volume_node, output_node, path) -> None:
         )
 
 
+RESULT_NODE_CLASSES = ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode", "vtkMRMLTableNode")
+
+
+def remove_previous_results(volume_node, model_sha256: str, keep=()) -> int:
+    """Remove the result nodes of earlier runs of one model (by SHA-256) on ``volume_node``; return how many.
+
+    Nodes in ``keep`` (the new run's) stay, and so do the results of other models or other volumes.
+    """
+    scene = volume_node.GetScene()
+    keep_ids = {node.GetID() for node in keep if node is not None}
+    previous = []
+    for class_name in RESULT_NODE_CLASSES:
+        for index in range(scene.GetNumberOfNodesByClass(class_name)):
+            node = scene.GetNthNodeByClass(index, class_name)
+            if (
+                node.GetID() not in keep_ids
+                and node.GetAttribute(ATTRIBUTE_SOURCE_VOLUME) == volume_node.GetID()
+                and node.GetAttribute(ATTRIBUTE_MODEL_SHA256) == model_sha256
+            ):
+                previous.append(node)
+    for node in previous:
+        if hasattr(node, "GetNumberOfDisplayNodes"):
+            for display_node in [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]:
+                if display_node is not None:
+                    scene.RemoveNode(display_node)
+        scene.RemoveNode(node)
+    if previous:
+        logger.info("Removed %d result nodes of an earlier run of the same model on %r", len(previous), volume_node.GetName())
+    return len(previous)
+
+
 def create_probability_table(scene, result: InferenceResult, name: str):
     """Add a table node with one row per class: the model's name, the class name and its probability."""
     table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
