@@ -119,7 +119,7 @@ class StepOutput:
 class PreparedViews:
     """The no-grad half of one step, which both student views read.
 
-    ``views`` holds the two crops (B, 1, X, Y, Z); ``targets`` the teacher's head outputs per view by
+    ``views`` contains the two crops (B, 1, X, Y, Z); ``targets`` the teacher's head outputs per view by
     role and its ``s_att`` (B, N), or None per view when no distillation term is on; ``masks`` the
     student's (B, n_x, n_y, n_z) cell mask per view.
     """
@@ -268,7 +268,7 @@ class CoDistillation(nn.Module):
         """Run the student on view ``index`` (0 for u, 1 for v) and return that view's half of each term.
 
         The two views' halves depend on each other only through the teacher's detached targets, so a
-        trainer may backpropagate one view before the student sees the other. That keeps one view's
+        trainer may backpropagate one view before the student runs on the other. That keeps one view's
         activations in memory instead of two. The halves of both views sum to ``loss_terms``.
         """
         view, mask = prepared.views[index], prepared.masks[index]

@@ -1,7 +1,7 @@
 """Classification on top of a pretrained encoder: linear probing, full fine-tuning, k-fold and few-shot runs.
 
-A run folder holds the model trained on every selected case (``classifier.safetensors``), its
-``finetune.json`` and ``config.yaml``. With ``folds`` it also holds a stratified k-fold
+A run folder contains the model trained on every selected case (``classifier.safetensors``), its
+``finetune.json`` and ``config.yaml``. With ``folds`` it also contains a stratified k-fold
 cross-validation: each fold's held-out predictions, the pooled out-of-fold AUC with its 95 %
 bootstrap interval, sensitivity and specificity at the Youden point, and the ROC plot.
 """

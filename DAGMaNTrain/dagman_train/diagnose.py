@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from dagman_core.models.semantic_attention import Attention
 
 from .overlay import ATTENTION_CMAP, ATTENTION_FLOOR
 from .pretrain import ENCODER_FILE
-from .runs import atomic_write_text, read_run_config
+from .runs import atomic_write_text, read_run_config, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -499,16 +498,7 @@ def summarise_stages(blocks: list[BlockHeads]) -> list[dict]:
 
 def _write_bytes_atomically(path: Path, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda stream: stream.write(data))
 
 
 def _save_figure(figure: Figure, path: Path) -> Path:

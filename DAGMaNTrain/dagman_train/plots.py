@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .runs import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -222,16 +223,6 @@ def _new_figure(size_in: tuple[float, float]) -> Figure:
 
 def _save_atomically(figure: Figure, output: Path) -> Path:
     """Write the PNG to a temporary file next to ``output``, then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", suffix=".png", delete=False)
-    temporary = Path(handle.name)
-    try:
-        with handle:
-            figure.savefig(handle, format="png", dpi=DPI)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(output, lambda stream: figure.savefig(stream, format="png", dpi=DPI))
     logger.info("Wrote plot %s", output)
     return output

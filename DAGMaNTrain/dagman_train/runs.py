@@ -29,7 +29,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``.
 
     A reader never sees a half-written file, and a failure leaves any earlier file in place.
@@ -63,12 +63,12 @@ def json_safe(value):
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    return _write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
+    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(state: dict, path: str | os.PathLike) -> Path:
     """Save a torch checkpoint to ``path`` atomically."""
-    return _write_atomically(path, lambda stream: torch.save(state, stream))
+    return write_atomically(path, lambda stream: torch.save(state, stream))
 
 
 def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -76,7 +76,7 @@ def atomic_save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathL
     from safetensors.torch import save
 
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    return _write_atomically(path, lambda stream: stream.write(save(tensors)))
+    return write_atomically(path, lambda stream: stream.write(save(tensors)))
 
 
 def write_config(run_dir: Path, config: DAGMaNConfig) -> None:

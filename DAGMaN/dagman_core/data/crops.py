@@ -21,9 +21,9 @@ CROP_MODES = ("auto", "mask", "point", "whole")
 class Crop:
     """One classification crop on the RAS network grid.
 
-    ``image`` is the windowed crop (1, X, Y, Z) in [0, 1]; ``start_ijk`` its first voxel on
-    ``ras_grid`` (negative where the crop reaches past the scan, which is padded with air);
-    ``center_ras_mm`` the centre that was chosen and ``mode`` how (``mask``, ``point`` or ``whole``).
+    ``image`` is the windowed crop (1, X, Y, Z) in [0, 1]. ``start_ijk`` is its first voxel on
+    ``ras_grid``, negative where the crop reaches past the scan, which is padded with air.
+    ``center_ras_mm`` is the chosen centre and ``mode`` how it was chosen (``mask``, ``point`` or ``whole``).
     """
 
     image: torch.Tensor
