@@ -142,6 +142,36 @@ def _demo(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _catalogue_entry(arguments: argparse.Namespace) -> int:
+    import re
+
+    from dagman_core.bundle import read_model_json, sha256_of
+
+    description = read_model_json(arguments.bundle)
+    sha256 = sha256_of(os.path.join(arguments.bundle, description["weights"]["file"]))
+    if sha256 != description["weights"].get("sha256"):
+        raise ValueError(
+            f"the weights in {arguments.bundle} have sha256 {sha256}, but model.json records "
+            f"{description['weights'].get('sha256')}; export the bundle again"
+        )
+    entry = {
+        "id": arguments.id or re.sub(r"[^A-Za-z0-9]+", "-", description["name"]).strip("-").lower(),
+        "title": arguments.title or description["name"],
+        "task": description.get("task", "segmentation"),
+        "labels": [
+            {"value": label["value"], "name": label["name"], "terminology": label.get("terminology")}
+            for label in description.get("labels", [])
+        ],
+        "licence": arguments.licence,
+        "version": arguments.version or description.get("provenance", {}).get("dagman_version", ""),
+        "sha256": sha256,
+        "min_memory_gib": arguments.min_memory_gib,
+        "url": arguments.url,
+    }
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
 SET_HELP = "change one option after the presets; the value is read as YAML, e.g. --set masking.ratio=0.6 (repeatable)"
 
 
@@ -227,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="model folder to write")
     export.add_argument("--name", default=None, help="model name shown to users (default: derived from the run)")
     export.set_defaults(handler=_export)
+
+    entry = commands.add_parser(
+        "catalogue-entry", help="print the models.json entry of a model bundle, with the sha256 of its weights"
+    )
+    entry.add_argument("bundle", help="model bundle folder")
+    entry.add_argument("--url", required=True, help="where users download the bundle")
+    entry.add_argument("--licence", required=True, help="licence of the weights, e.g. Apache-2.0 or CC-BY-4.0")
+    entry.add_argument("--id", default=None, help="catalogue id (default: derived from the model name)")
+    entry.add_argument("--title", default=None, help="title shown in Slicer (default: the model name)")
+    entry.add_argument("--version", default=None, help="model version (default: the DAGMaN version it was exported with)")
+    entry.add_argument("--min-memory-gib", type=float, default=None, help="memory a chest CT needs, measured by the publisher")
+    entry.set_defaults(handler=_catalogue_entry)
 
     infer = commands.add_parser("infer", help="segment or classify a CT and map the model's attention")
     add_infer_arguments(infer)
