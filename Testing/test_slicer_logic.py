@@ -322,6 +322,37 @@ def test_attention_shown_in_slice_views(fake_run, oblique_ct, slicer_scene_with_
         assert composite_node.GetForegroundOpacity() == pytest.approx(0.5)
 
 
+def test_attention_hide_show_and_threshold(fake_run, oblique_ct, slicer_scene_with_views):
+    outputs, _, _ = fake_run
+    scene = slicer_scene_with_views
+    attention = outputs.attention_node
+    logic = DAGMaNLogic()
+    legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(attention)
+    composite_nodes = [
+        scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
+
+    assert logic.set_attention_visible(False, attention) == 3
+    assert all(node.GetForegroundVolumeID() is None for node in composite_nodes)
+    assert all(node.GetBackgroundVolumeID() == oblique_ct.GetID() for node in composite_nodes)
+    assert not legend.GetVisibility()
+
+    logic.set_attention_opacity(0.8, attention)
+    assert logic.set_attention_visible(True, attention) == 3
+    assert all(node.GetForegroundVolumeID() == attention.GetID() for node in composite_nodes)
+    assert all(node.GetForegroundOpacity() == pytest.approx(0.8) for node in composite_nodes)
+    assert legend.GetVisibility()
+    assert logic.set_attention_visible(True, attention) == 0
+
+    logic.set_attention_threshold(0.6, attention)
+    assert attention.GetDisplayNode().GetLowerThreshold() == pytest.approx(0.6)
+    assert attention.GetDisplayNode().GetUpperThreshold() == pytest.approx(1.0)
+    assert logic.attention_threshold == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="lower_threshold 1.0 must lie in"):
+        logic.set_attention_threshold(1.0, attention)
+
+
 def test_result_node_attributes(fake_run, oblique_ct):
     outputs, _, _ = fake_run
 

@@ -136,6 +136,41 @@ def set_foreground_opacity(scene, opacity: float, foreground_node=None) -> int:
     return updated
 
 
+def set_lower_threshold(volume_node, lower_threshold: float) -> None:
+    """Make attention values below ``lower_threshold`` (0..1) transparent in the slice views."""
+    if not 0.0 <= lower_threshold < 1.0:
+        raise ValueError(f"lower_threshold {lower_threshold} must lie in [0, 1)")
+    display_node = volume_node.GetDisplayNode()
+    if display_node is None:
+        raise ValueError(f"Volume {volume_node.GetName()!r} has no display node; show it once before thresholding")
+    display_node.SetThreshold(lower_threshold, ATTENTION_WINDOW[1])
+    display_node.SetApplyThreshold(1)
+
+
+def set_foreground_visible(scene, foreground_node, visible: bool, opacity: float) -> int:
+    """Show ``foreground_node`` over the CT in every slice view, or take it out of the views showing it.
+
+    Its color legend, where it has one, is shown or hidden with it. Returns the number of slice
+    views that changed.
+    """
+    updated = 0
+    for composite_node in _slice_composite_nodes(scene):
+        showing = composite_node.GetForegroundVolumeID() == foreground_node.GetID()
+        if visible and not showing:
+            composite_node.SetForegroundVolumeID(foreground_node.GetID())
+            composite_node.SetForegroundOpacity(opacity)
+            updated += 1
+        elif not visible and showing:
+            composite_node.SetForegroundVolumeID(None)
+            updated += 1
+
+    for index in range(foreground_node.GetNumberOfDisplayNodes()):
+        display_node = foreground_node.GetNthDisplayNode(index)
+        if display_node is not None and display_node.IsA("vtkMRMLColorLegendDisplayNode"):
+            display_node.SetVisibility(visible)
+    return updated
+
+
 def _slice_composite_nodes(scene) -> list:
     return [
         scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")

@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from .command import DEVICES, build_child_environment, build_inference_command, find_python_executable
-from .display import DEFAULT_FOREGROUND_OPACITY, DEFAULT_LOWER_THRESHOLD, set_foreground_opacity
+from .display import (
+    DEFAULT_FOREGROUND_OPACITY,
+    DEFAULT_LOWER_THRESHOLD,
+    set_foreground_opacity,
+    set_foreground_visible,
+    set_lower_threshold,
+)
 from .errors import InferenceCancelled, InferenceError
 from .job import CHILD_PROGRESS_SHARE, InferenceJob, JobState, ProgressCallback
 from .outputs import InferenceOutputs, load_outputs, remove_previous_results
@@ -181,6 +187,15 @@ class DAGMaNLogic:
         scene = attention_node.GetScene() if attention_node is not None else _default_scene()
         if scene is not None:
             set_foreground_opacity(scene, opacity, attention_node)
+
+    def set_attention_threshold(self, lower_threshold: float, attention_node) -> None:
+        """Make attention below ``lower_threshold`` (0..1) transparent; later runs use the same threshold."""
+        set_lower_threshold(attention_node, lower_threshold)
+        self.attention_threshold = lower_threshold
+
+    def set_attention_visible(self, visible: bool, attention_node) -> int:
+        """Show or hide the attention map (and its color legend) over the CT in the slice views."""
+        return set_foreground_visible(attention_node.GetScene(), attention_node, visible, self.attention_opacity)
 
     def _validate_inputs(self, volume_node, model_dir, device: str) -> Path:
         if volume_node is None:
