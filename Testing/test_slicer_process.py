@@ -255,18 +255,10 @@ def test_real_inference_tiny_model(slicer_scene_with_views, tiny_model_bundle):
 
 
 def test_real_classification_tiny_model(slicer_scene_with_views, tmp_path):
-    import torch
-
-    from dagman_core.bundle import write_bundle
-    from dagman_core.config import load_config
-    from dagman_core.models.classification import DAGMaNClassifier
+    from dagman_core.bundle import write_random_bundle
     from DAGMaNLib.outputs import ATTRIBUTE_PREDICTED_CLASS, ATTRIBUTE_PROBABILITY_PREFIX
 
-    torch.manual_seed(0)
-    bundle = write_bundle(
-        tmp_path / "classifier", DAGMaNClassifier(load_config("tiny_cpu"), num_classes=2),
-        labels={0: "benign", 1: "malignant"}, name="tiny classifier", training_data={"cases": 0}, task="classification",
-    )
+    bundle = write_random_bundle(tmp_path / "classifier", task="classification")
     scene = slicer_scene_with_views
     volume_node = add_synthetic_ct_volume(
         scene, name="Tiny CT", shape_kji=(20, 40, 44), spacing_mm=(1.6, 1.5, 3.0),
@@ -284,7 +276,7 @@ def test_real_classification_tiny_model(slicer_scene_with_views, tmp_path):
     rows = {table.GetValue(row, 1).ToString(): table.GetValue(row, 2).ToDouble() for row in range(2)}
     assert rows == pytest.approx(outputs.result.probabilities, abs=1e-9)
     assert sum(rows.values()) == pytest.approx(1.0, abs=1e-5)
-    assert table.GetValue(0, 0).ToString() == "tiny classifier"
+    assert table.GetValue(0, 0).ToString() == "untrained tiny_cpu classifier (self-test)"
     for node, layer in ((outputs.table_node, "classification"), (outputs.attention_node, "attention")):
         assert node.GetAttribute(ATTRIBUTE_LAYER) == layer
         assert node.GetAttribute(ATTRIBUTE_PREDICTED_CLASS) == outputs.result.predicted

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import DAGMaNConfig, config_from_dict, load_config
 from .data.io import current_umask
-from .models.classification import CLASSIFIERS
+from .models.classification import CLASSIFIERS, DAGMaNClassifier
 from .models.segmentation import SEGMENTERS, build_segmenter
 from .terminology import describe_label
 
@@ -187,15 +187,29 @@ def load_bundle(model_dir: str | os.PathLike, device: str | torch.device = "cpu"
     return model.to(device).eval(), description
 
 
-def write_random_bundle(output_dir: str | os.PathLike, preset: str = "tiny_cpu", seed: int = 0) -> Path:
-    """Write an untrained (randomly initialised, seeded) lung-tumor bundle: a real model for self-tests."""
+def write_random_bundle(
+    output_dir: str | os.PathLike, preset: str = "tiny_cpu", seed: int = 0, task: str = "segmentation"
+) -> Path:
+    """Write an untrained (randomly initialised, seeded) bundle: a real model for self-tests.
+
+    A segmentation bundle segments "Lung tumor"; a classification bundle tells "benign" from
+    "malignant" on a crop of the whole body.
+    """
+    if task not in TASKS:
+        raise BundleError(f"invalid task {task!r}; valid choices: {', '.join(TASKS)}")
     config = load_config(preset)
     torch.manual_seed(seed)
+    training_data = {"cases": 0, "note": "random weights for testing the pipeline; not a trained model"}
+    if task == "classification":
+        return write_bundle(
+            output_dir, DAGMaNClassifier(config, num_classes=2), labels={0: "benign", 1: "malignant"},
+            name=f"untrained {preset} classifier (self-test)", training_data=training_data, task=task,
+        )
     model = build_segmenter(config, num_classes=2)
     return write_bundle(
         output_dir,
         model,
         labels={1: "Lung tumor"},
         name=f"untrained {preset} (self-test)",
-        training_data={"cases": 0, "note": "random weights for testing the pipeline; not a trained model"},
+        training_data=training_data,
     )
