@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Mapping
 
+# The fixed device names. ``cuda:N`` (N a device index) is valid too; validate_device checks it.
 DEVICES = ("auto", "cpu", "cuda")
+CUDA_INDEX_PATTERN = re.compile(r"cuda:(0|[1-9][0-9]*)")
 INFERENCE_MODULE = "dagman_core.inference"
 
 # DAGMaN/ contains both DAGMaNLib/ and the dagman_core/ package, in the source tree and in the
@@ -40,12 +43,26 @@ def find_python_executable() -> str:
     return python_slicer
 
 
+def validate_device(device: str) -> str:
+    """Return ``device`` unchanged when it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; raise ``ValueError`` otherwise.
+
+    N is a CUDA device index as torch counts them (a non-negative integer without leading
+    zeros or signs). Whether device N exists is checked by the inference process, which
+    has torch.
+    """
+    if device in DEVICES or (isinstance(device, str) and CUDA_INDEX_PATTERN.fullmatch(device)):
+        return device
+    raise ValueError(
+        f"device {device!r} is invalid; valid forms: 'auto', 'cpu', 'cuda' or 'cuda:N' "
+        "with N a CUDA device index such as 'cuda:0'"
+    )
+
+
 def build_inference_command(
     python_executable: str, model_dir: Path, input_path: Path, output_dir: Path, device: str
 ) -> list[str]:
     """Return the argument list of ``python -m dagman_core.inference`` with JSON progress on stdout."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is invalid; valid choices: {list(DEVICES)}")
+    validate_device(device)
     return [
         python_executable,
         "-m",
