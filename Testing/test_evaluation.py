@@ -403,6 +403,21 @@ def test_out_of_memory_retries_smaller(tiny_model_bundle: Path, ct_data: Path, m
     np.testing.assert_array_equal(sitk.GetArrayFromImage(segmentation), sitk.GetArrayFromImage(expected))
 
 
+def test_cpu_allocation_failure_is_out_of_memory():
+    from dagman_core.inference.pipeline import is_out_of_memory
+
+    try:
+        torch.empty(1 << 60, dtype=torch.uint8)
+    except RuntimeError as error:
+        cpu_error = error
+    else:
+        pytest.fail("allocating 1 EiB succeeded")
+
+    assert is_out_of_memory(cpu_error)
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("size mismatch for encoder.weight"))
+
+
 def test_other_errors_are_not_retried(tiny_model_bundle: Path, ct_data: Path, monkeypatch):
     from dagman_core.inference import pipeline
 

@@ -219,8 +219,15 @@ def segmentation_images(
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Return whether ``error`` is torch running out of GPU or CPU memory."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """Return whether ``error`` is torch running out of GPU or CPU memory.
+
+    On the CPU, torch's allocator raises a RuntimeError reading "DefaultCPUAllocator: can't allocate
+    memory", and Python's own allocations raise MemoryError.
+    """
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error).lower()
+    return "out of memory" in message or "can't allocate memory" in message
 
 
 def predict_with_fallback(model, body, roi_size, overlap, window_batch, device, progress, blend):
