@@ -455,3 +455,57 @@ def test_new_run_replaces_earlier_results(oblique_ct, tmp_path, keep):
     assert (first.segmentation_node in segmentations) is keep
     assert (first.attention_node.GetScene() is scene) is keep
     assert oblique_ct.GetScene() is scene
+
+
+def test_memory_report_on_cpu(oblique_ct, tiny_model_bundle):
+    summary, warning = DAGMaNLogic().memory_report(oblique_ct, tiny_model_bundle, device="cpu")
+
+    assert summary.startswith("Peak memory about ")
+    assert " on cpu; " in summary
+    assert warning == ""
+
+
+def test_memory_report_warns_when_gpu_is_full(oblique_ct, tiny_model_bundle):
+    from DAGMaNLib.environment import CudaDevice, TorchProbe
+
+    nearly_full = CudaDevice(index=0, name="NVIDIA test GPU", total_bytes=16 * 2**30, free_bytes=10 * 2**20)
+    probe = TorchProbe("python", torch_version="2.13.0", cuda_version="12.8", cuda_available=True, devices=(nearly_full,))
+
+    summary, warning = DAGMaNLogic().memory_report(oblique_ct, tiny_model_bundle, device="auto", probe=probe)
+
+    assert "of GPU memory on cuda:0" in summary
+    assert summary.endswith("; 0.1 GiB available")
+    assert "GPU memory on cuda:0" in warning
+    assert "Choose the CPU" in warning
+
+
+def test_memory_report_without_model_json(oblique_ct, tmp_path):
+    summary, warning = DAGMaNLogic().memory_report(oblique_ct, tmp_path, device="cpu")
+
+    assert summary == ""
+    assert warning.startswith("No memory estimate: ")
+    assert "model.json" in warning
+
+
+def test_lesion_point_passed_to_child(oblique_ct, tmp_path):
+    scene = oblique_ct.GetScene()
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule")
+    points.AddControlPointWorld(-12.5, 30.25, 4.0)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    runner = FakeInferenceRunner()
+
+    DAGMaNLogic(runner=runner, python_executable="python-for-test").run(oblique_ct, model_dir, device="cpu", point_node=points)
+
+    command = runner.commands[0]
+    assert command[-1] == "--point=-12.5,30.25,4.0"
+
+
+def test_empty_point_list_rejected(oblique_ct, tmp_path):
+    points = oblique_ct.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Empty")
+    runner = FakeInferenceRunner()
+
+    with pytest.raises(ValueError, match="'Empty' has no points; place a point on the lesion"):
+        DAGMaNLogic(runner=runner).start(oblique_ct, tmp_path, device="cpu", point_node=points)
+
+    assert runner.commands == []

@@ -292,3 +292,62 @@ def test_real_classification_tiny_model(slicer_scene_with_views, tmp_path):
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     volume_parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(volume_node))
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs.table_node)) == volume_parent
+
+
+def test_module_self_test_passes(slicer_scene, monkeypatch):
+    """Run the module's own self-test (DAGMaNTest) against slicer-core, as "Reload and Test" runs it in Slicer.
+
+    Only the Qt layer is replaced: ``qt`` and ``slicer.ScriptedLoadableModule`` exist solely in
+    the Slicer application. The scene, the catalogue and both real inference runs are the real ones.
+    """
+    import importlib.util
+    import types
+    import unittest
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            print(message)
+
+    scripted.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {})
+    scripted.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {})
+    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+
+    module_path = Path(__file__).resolve().parents[1] / "DAGMaN" / "DAGMaN.py"
+    spec = importlib.util.spec_from_file_location("DAGMaN_module_under_test", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    result = unittest.TestResult()
+    module.DAGMaNTest("runTest").run(result)
+
+    assert result.errors == []
+    assert result.failures == []
+    assert result.testsRun == 1
+    assert slicer_scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+
+def test_real_classification_crop_on_lesion_point(slicer_scene, tmp_path):
+    from dagman_core.bundle import write_random_bundle
+
+    bundle = write_random_bundle(tmp_path / "classifier", task="classification")
+    volume_node = add_synthetic_ct_volume(
+        slicer_scene, name="Wide CT", shape_kji=(40, 120, 120), spacing_mm=(2.0, 2.0, 4.0), origin_ras_mm=(0.0, 0.0, 0.0)
+    )
+    point = (40.0, 40.0, 80.0)
+    points = slicer_scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Lesion")
+    points.AddControlPointWorld(*point)
+
+    outputs = DAGMaNLogic().run(volume_node, bundle, device="cpu", timeout_s=REAL_INFERENCE_TIMEOUT_S, point_node=points)
+
+    # The tiny_cpu classifier's crop is 64 voxels of 2 mm, a 128 mm cube around the point.
+    attention = slicer.util.arrayFromVolume(outputs.attention_node)
+    kji = np.argwhere(attention > 0)
+    ijk = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    ras = (ijk_to_ras_array(outputs.attention_node) @ ijk.T).T[:, :3]
+    assert len(kji) > 0
+    assert np.abs(ras - np.array(point)).max() <= 64.0 + 4.0
+    assert len(kji) < attention.size

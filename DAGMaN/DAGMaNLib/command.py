@@ -7,7 +7,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # The fixed device names. ``cuda:N`` (N a device index) is valid too; validate_device checks it.
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,10 +59,24 @@ def validate_device(device: str) -> str:
 
 
 def build_inference_command(
-    python_executable: str, model_dir: Path, input_path: Path, output_dir: Path, device: str
+    python_executable: str,
+    model_dir: Path,
+    input_path: Path,
+    output_dir: Path,
+    device: str,
+    point_ras: Sequence[float] | None = None,
 ) -> list[str]:
-    """Return the argument list of ``python -m dagman_core.inference`` with JSON progress on stdout."""
+    """Return the argument list of ``python -m dagman_core.inference`` with JSON progress on stdout.
+
+    ``point_ras`` (R, A, S in mm) centres a classification model's crop on a lesion.
+    """
     validate_device(device)
+    point = []
+    if point_ras is not None:
+        if len(point_ras) != 3:
+            raise ValueError(f"point_ras {tuple(point_ras)} must have 3 coordinates (R, A, S in mm)")
+        # One "--point=R,A,S" argument, so that argparse does not read a negative R as an option.
+        point = ["--point=" + ",".join(repr(float(value)) for value in point_ras)]
     return [
         python_executable,
         "-m",
@@ -77,6 +91,7 @@ def build_inference_command(
         device,
         "--progress",
         "json",
+        *point,
     ]
 
 

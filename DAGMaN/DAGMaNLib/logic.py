@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .command import DEVICES, build_child_environment, build_inference_command, find_python_executable
+from .command import build_child_environment, build_inference_command, find_python_executable, validate_device
 from .display import (
     DEFAULT_FOREGROUND_OPACITY,
     DEFAULT_LOWER_THRESHOLD,
@@ -18,7 +19,9 @@ from .display import (
     set_lower_threshold,
 )
 from .errors import InferenceCancelled, InferenceError
+from .environment import TorchProbe
 from .job import CHILD_PROGRESS_SHARE, InferenceJob, JobState, ProgressCallback
+from .memory import available_memory, estimate_peak_memory, memory_warning
 from .outputs import InferenceOutputs, load_outputs, remove_previous_results
 from .results import read_result
 from .runner import ProcessRunner, SubprocessRunner
@@ -76,6 +79,7 @@ class DAGMaNLogic:
         progress_callback: Optional[ProgressCallback] = None,
         timeout_s: Optional[float] = None,
         poll_interval_s: float = 0.05,
+        point_node=None,
     ) -> InferenceOutputs:
         """Run inference and load its results, blocking until done.
 
@@ -83,7 +87,7 @@ class DAGMaNLogic:
         if ``cancel()`` was called (for example from ``progress_callback``), and ``ValueError``
         for an invalid input volume, model folder or device.
         """
-        job = self.start(volume_node, model_dir, device, progress_callback, timeout_s)
+        job = self.start(volume_node, model_dir, device, progress_callback, timeout_s, point_node)
         try:
             while not job.poll():
                 time.sleep(poll_interval_s)
@@ -101,14 +105,17 @@ class DAGMaNLogic:
         device: str = "auto",
         progress_callback: Optional[ProgressCallback] = None,
         timeout_s: Optional[float] = None,
+        point_node=None,
     ) -> InferenceJob:
         """Write the volume to a temporary .nrrd file and start the inference child process.
 
         :param volume_node: ``vtkMRMLScalarVolumeNode`` in a scene (CT in HU, any geometry).
         :param model_dir: folder of a DAGMaN model bundle.
-        :param device: "auto", "cpu" or "cuda".
+        :param device: "auto", "cpu", "cuda" or "cuda:N".
         :param progress_callback: called as ``callback(fraction, message)`` with fraction in [0, 1].
         :param timeout_s: kill the child and fail after this many seconds; ``None`` waits forever.
+        :param point_node: markups node whose first control point (world RAS, mm) centres the crop of
+            a classification model on a lesion; ``None`` centres it on the body.
         """
         if self.job is not None and not self.job.finished:
             raise RuntimeError("An inference is already running; cancel it or wait for it to finish")
@@ -116,6 +123,7 @@ class DAGMaNLogic:
             # A finished job whose results were never loaded.
             self._discard(self.job)
         model_path = self._validate_inputs(volume_node, model_dir, device)
+        point_ras = lesion_point_ras(point_node) if point_node is not None else None
 
         temp_dir = Path(tempfile.mkdtemp(prefix="DAGMaN-"))
         output_dir = temp_dir / OUTPUT_DIR_NAME
@@ -127,7 +135,9 @@ class DAGMaNLogic:
             write_volume_node(volume_node, input_path)
 
             python_executable = self.python_executable or find_python_executable()
-            command = build_inference_command(python_executable, model_path, input_path, output_dir, device)
+            command = build_inference_command(
+                python_executable, model_path, input_path, output_dir, device, point_ras
+            )
             try:
                 child = self.runner.start(command, build_child_environment())
             except OSError as error:
@@ -188,6 +198,45 @@ class DAGMaNLogic:
         if scene is not None:
             set_foreground_opacity(scene, opacity, attention_node)
 
+    def memory_report(
+        self, volume_node, model_dir, device: str = "auto", probe: Optional[TorchProbe] = None
+    ) -> tuple[str, str]:
+        """Estimate the peak memory of running the bundle in ``model_dir`` on ``volume_node``.
+
+        Returns ``(summary, warning)``: a line such as "Peak memory about 1.2 GiB on cpu; 14 GiB
+        available" and a warning that is empty when the run fits. "auto" means the first CUDA device
+        that ``probe`` (the child process's view of torch) lists, else the CPU; the free GPU memory
+        also comes from ``probe``. A bundle whose model.json cannot be read gives a warning and no
+        estimate, since the run itself will report that error.
+        """
+        device = validate_device(device)
+        cuda_devices = {f"cuda:{cuda.index}": cuda for cuda in (probe.devices if probe is not None else ())}
+        if device == "auto":
+            device = "cuda:0" if "cuda:0" in cuda_devices else "cpu"
+        elif device == "cuda":
+            device = "cuda:0"
+
+        model_path = Path(model_dir)
+        try:
+            description = json.loads((model_path / "model.json").read_text(encoding="utf-8"))
+            weights = model_path / description["weights"]["file"]
+            image = volume_node.GetImageData()
+            estimate = estimate_peak_memory(
+                description,
+                image.GetDimensions(),
+                volume_node.GetSpacing(),
+                device,
+                input_bytes_per_voxel=image.GetScalarSize(),
+                weights_bytes=weights.stat().st_size,
+            )
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as error:
+            return "", f"No memory estimate: {error}"
+
+        free_gpu = cuda_devices[device].free_bytes if device in cuda_devices else None
+        available = available_memory(device, free_gpu)
+        host_available = available_memory("cpu") if device != "cpu" else None
+        return f"Peak memory {estimate.describe(available)}", memory_warning(estimate, available, host_available)
+
     def set_attention_threshold(self, lower_threshold: float, attention_node) -> None:
         """Make attention below ``lower_threshold`` (0..1) transparent; later runs use the same threshold."""
         set_lower_threshold(attention_node, lower_threshold)
@@ -221,8 +270,7 @@ class DAGMaNLogic:
         if not model_path.is_dir():
             raise ValueError(f"Model folder {str(model_path)!r} does not exist or is not a folder")
 
-        if device not in DEVICES:
-            raise ValueError(f"device {device!r} is invalid; valid choices: {list(DEVICES)}")
+        validate_device(device)
         return model_path.resolve()
 
     def _discard(self, job: InferenceJob) -> None:
@@ -235,6 +283,17 @@ class DAGMaNLogic:
             logger.info("Keeping temporary inference folder %s", temp_dir)
             return
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def lesion_point_ras(markups_node) -> tuple[float, float, float]:
+    """Return the world RAS position (mm) of the first control point of ``markups_node``."""
+    if markups_node.GetNumberOfControlPoints() == 0:
+        raise ValueError(
+            f"Point list {markups_node.GetName()!r} has no points; place a point on the lesion or choose no point list"
+        )
+    position = [0.0, 0.0, 0.0]
+    markups_node.GetNthControlPointPositionWorld(0, position)
+    return tuple(float(value) for value in position)
 
 
 def _default_scene():
