@@ -70,6 +70,7 @@ def test_published_model_install_and_verify(bundle, tmp_path):
     (entry,) = catalog.entries()
     assert not entry.installed
     assert entry.display_name().endswith("(not installed)")
+    assert entry.describe() == "Segmentation: Lung tumor; licence Apache-2.0; version 0.1.0; get it from https://example.org/lung-demo.zip"
     with pytest.raises(CatalogueError, match="not installed.*https://example.org/lung-demo.zip"):
         catalog.verified_folder("lung-demo")
 

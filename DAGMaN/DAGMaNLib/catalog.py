@@ -4,7 +4,7 @@ Every model is identified by the sha256 of its weights file (``model.safetensors
 in a cache folder that the user can change, one sub-folder per model id. The weights' checksum is
 verified before every use, so a bundle that was damaged or swapped on disk is not run.
 
-Catalogue entries say where a model comes from (``url``) and what it needs; the bundle itself is
+Catalogue entries record where a model comes from (``url``) and what it needs. The bundle itself is
 installed with ``add_folder`` (the module's "Add model from folder..." button). A folder whose
 weights match a catalogue entry becomes that entry; any other bundle becomes a user model, kept in
 the settings (``QSettings`` in Slicer, any object with ``value`` and ``setValue`` elsewhere).
@@ -36,7 +36,7 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CatalogueError(ValueError):
-    """A catalogue, bundle folder or model id that cannot be used; the message tells how to fix it."""
+    """A catalogue, bundle folder or model id that cannot be used; the message names the fix."""
 
 
 class ChecksumMismatch(CatalogueError):
@@ -97,6 +97,19 @@ class ModelEntry:
     @property
     def installed(self) -> bool:
         return self.folder is not None
+
+    def describe(self) -> str:
+        """Return the model's task, classes, licence, version and memory need as one line for the panel."""
+        parts = [f"{self.task.capitalize()}: {', '.join(label.name for label in self.labels) or 'no labels listed'}"]
+        if self.licence:
+            parts.append(f"licence {self.licence}")
+        if self.version:
+            parts.append(f"version {self.version}")
+        if self.min_memory_gib is not None:
+            parts.append(f"needs about {self.min_memory_gib:g} GiB")
+        if not self.installed:
+            parts.append(f"get it from {self.url}" if self.url else "not installed")
+        return "; ".join(parts)
 
     def display_name(self) -> str:
         """Return the model selector's text: title, task and whether the bundle still has to be added."""

@@ -192,8 +192,8 @@ def write_random_bundle(
 ) -> Path:
     """Write an untrained (randomly initialised, seeded) bundle: a real model for self-tests.
 
-    A segmentation bundle segments "Lung tumor"; a classification bundle tells "benign" from
-    "malignant" on a crop of the whole body.
+    A segmentation bundle segments "Lung tumor"; a classification bundle classifies a crop of
+    the whole body as "benign" or "malignant".
     """
     if task not in TASKS:
         raise BundleError(f"invalid task {task!r}; valid choices: {', '.join(TASKS)}")
