@@ -310,6 +310,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.deviceComboBox.currentText,
                 progress_callback=self.onProgress,
                 point_node=self.ui.pointSelector.currentNode(),
+                mask_node=self.ui.maskSelector.currentNode(),
             )
         except (ValueError, InferenceError, OSError) as error:
             self.moveTo(PanelState.FAILED, "Failed")

@@ -509,3 +509,29 @@ def test_empty_point_list_rejected(oblique_ct, tmp_path):
         DAGMaNLogic(runner=runner).start(oblique_ct, tmp_path, device="cpu", point_node=points)
 
     assert runner.commands == []
+
+
+def test_point_and_mask_together_rejected(oblique_ct, tmp_path):
+    scene = oblique_ct.GetScene()
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule")
+    points.AddControlPointWorld(0.0, 0.0, 0.0)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Nodule mask")
+
+    with pytest.raises(ValueError, match="lesion point or a lesion mask, not both"):
+        DAGMaNLogic(runner=FakeInferenceRunner()).start(
+            oblique_ct, tmp_path, device="cpu", point_node=points, mask_node=segmentation
+        )
+
+
+def test_empty_lesion_mask_rejected(oblique_ct, tmp_path):
+    segmentation = oblique_ct.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", "Unpainted")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.GetSegmentation().AddEmptySegment("nodule")
+    runner = FakeInferenceRunner()
+    nodes_before = oblique_ct.GetScene().GetNumberOfNodes()
+
+    with pytest.raises(ValueError, match="'Unpainted' has no voxels; paint the lesion first"):
+        DAGMaNLogic(runner=runner).start(oblique_ct, tmp_path, device="cpu", mask_node=segmentation)
+
+    assert runner.commands == []
+    assert oblique_ct.GetScene().GetNumberOfNodes() == nodes_before

@@ -351,3 +351,36 @@ def test_real_classification_crop_on_lesion_point(slicer_scene, tmp_path):
     assert len(kji) > 0
     assert np.abs(ras - np.array(point)).max() <= 64.0 + 4.0
     assert len(kji) < attention.size
+
+
+def test_real_classification_crop_on_lesion_mask(slicer_scene, tmp_path):
+    from dagman_core.bundle import write_random_bundle
+
+    bundle = write_random_bundle(tmp_path / "classifier", task="classification")
+    volume_node = add_synthetic_ct_volume(
+        slicer_scene, name="Wide CT", shape_kji=(40, 120, 120), spacing_mm=(2.0, 2.0, 4.0), origin_ras_mm=(0.0, 0.0, 0.0),
+        directions=oblique_directions(0.1, 0.05),
+    )
+    # A 10-voxel cube of lesion near the volume's last corner, as a painted segmentation.
+    lesion = np.zeros((40, 120, 120), dtype=np.uint8)
+    lesion[28:38, 100:110, 100:110] = 1
+    labelmap = slicer_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lesion labelmap")
+    labelmap.CopyOrientation(volume_node)
+    slicer.util.updateVolumeFromArray(labelmap, lesion)
+    segmentation = slicer_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Nodule")
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    slicer_scene.RemoveNode(labelmap)
+    centre_ijk = np.array([104.5, 104.5, 32.5, 1.0])
+    centre_ras = (ijk_to_ras_array(volume_node) @ centre_ijk)[:3]
+
+    outputs = DAGMaNLogic().run(
+        volume_node, bundle, device="cpu", timeout_s=REAL_INFERENCE_TIMEOUT_S, mask_node=segmentation
+    )
+
+    attention = slicer.util.arrayFromVolume(outputs.attention_node)
+    kji = np.argwhere(attention > 0)
+    ijk = np.c_[kji[:, ::-1], np.ones(len(kji))]
+    ras = (ijk_to_ras_array(outputs.attention_node) @ ijk.T).T[:, :3]
+    assert len(kji) > 0
+    assert np.abs(ras - centre_ras).max() <= 64.0 + 6.0
+    assert slicer_scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0

@@ -27,6 +27,7 @@ EXPECTED_WIDGETS = {
         "deviceInfoLabel": "QLabel",
         "memoryLabel": "QLabel",
         "pointSelector": "qMRMLNodeComboBox",
+        "maskSelector": "qMRMLNodeComboBox",
         "keepResultsCheckBox": "QCheckBox",
         "applyButton": "QPushButton",
         "progressBar": "QProgressBar",

@@ -65,13 +65,17 @@ def build_inference_command(
     output_dir: Path,
     device: str,
     point_ras: Sequence[float] | None = None,
+    mask_path: Path | None = None,
 ) -> list[str]:
     """Return the argument list of ``python -m dagman_core.inference`` with JSON progress on stdout.
 
-    ``point_ras`` (R, A, S in mm) centres a classification model's crop on a lesion.
+    ``point_ras`` (R, A, S in mm) or the lesion mask file ``mask_path`` centres a classification
+    model's crop on a lesion.
     """
     validate_device(device)
-    point = []
+    if point_ras is not None and mask_path is not None:
+        raise ValueError("give a lesion point or a lesion mask, not both")
+    point = ["--mask", str(mask_path)] if mask_path is not None else []
     if point_ras is not None:
         if len(point_ras) != 3:
             raise ValueError(f"point_ras {tuple(point_ras)} must have 3 coordinates (R, A, S in mm)")

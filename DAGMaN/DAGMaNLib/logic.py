@@ -30,6 +30,7 @@ from .volume_io import write_volume_node
 logger = logging.getLogger(__name__)
 
 INPUT_FILE_NAME = "input.nrrd"
+MASK_FILE_NAME = "lesion_mask.nrrd"
 OUTPUT_DIR_NAME = "output"
 
 
@@ -80,6 +81,7 @@ class DAGMaNLogic:
         timeout_s: Optional[float] = None,
         poll_interval_s: float = 0.05,
         point_node=None,
+        mask_node=None,
     ) -> InferenceOutputs:
         """Run inference and load its results, blocking until done.
 
@@ -87,7 +89,7 @@ class DAGMaNLogic:
         if ``cancel()`` was called (for example from ``progress_callback``), and ``ValueError``
         for an invalid input volume, model folder or device.
         """
-        job = self.start(volume_node, model_dir, device, progress_callback, timeout_s, point_node)
+        job = self.start(volume_node, model_dir, device, progress_callback, timeout_s, point_node, mask_node)
         try:
             while not job.poll():
                 time.sleep(poll_interval_s)
@@ -106,6 +108,7 @@ class DAGMaNLogic:
         progress_callback: Optional[ProgressCallback] = None,
         timeout_s: Optional[float] = None,
         point_node=None,
+        mask_node=None,
     ) -> InferenceJob:
         """Write the volume to a temporary .nrrd file and start the inference child process.
 
@@ -116,6 +119,8 @@ class DAGMaNLogic:
         :param timeout_s: kill the child and fail after this many seconds; ``None`` waits forever.
         :param point_node: markups node whose first control point (world RAS, mm) centres the crop of
             a classification model on a lesion; ``None`` centres it on the body.
+        :param mask_node: segmentation or label map volume of the lesion, whose centre of mass centres
+            a classification model's crop; give a point or a mask, not both.
         """
         if self.job is not None and not self.job.finished:
             raise RuntimeError("An inference is already running; cancel it or wait for it to finish")
@@ -123,6 +128,8 @@ class DAGMaNLogic:
             # A finished job whose results were never loaded.
             self._discard(self.job)
         model_path = self._validate_inputs(volume_node, model_dir, device)
+        if point_node is not None and mask_node is not None:
+            raise ValueError("Choose a lesion point or a lesion mask, not both")
         point_ras = lesion_point_ras(point_node) if point_node is not None else None
 
         temp_dir = Path(tempfile.mkdtemp(prefix="DAGMaN-"))
@@ -133,10 +140,14 @@ class DAGMaNLogic:
                 progress_callback(0.0, f"Writing {volume_node.GetName()} for the inference process")
             input_path = temp_dir / INPUT_FILE_NAME
             write_volume_node(volume_node, input_path)
+            mask_path = None
+            if mask_node is not None:
+                mask_path = temp_dir / MASK_FILE_NAME
+                write_lesion_mask(mask_node, volume_node, mask_path)
 
             python_executable = self.python_executable or find_python_executable()
             command = build_inference_command(
-                python_executable, model_path, input_path, output_dir, device, point_ras
+                python_executable, model_path, input_path, output_dir, device, point_ras, mask_path
             )
             try:
                 child = self.runner.start(command, build_child_environment())
@@ -294,6 +305,49 @@ def lesion_point_ras(markups_node) -> tuple[float, float, float]:
     position = [0.0, 0.0, 0.0]
     markups_node.GetNthControlPointPositionWorld(0, position)
     return tuple(float(value) for value in position)
+
+
+def write_lesion_mask(mask_node, volume_node, path: Path) -> None:
+    """Write a lesion mask (segmentation or label map volume node) as a label map file at ``path``.
+
+    A segmentation's visible segments are exported on the CT's voxel grid. Raises ``ValueError``
+    for a mask without any voxel, since it cannot centre a crop.
+    """
+    import slicer
+
+    if mask_node.IsA("vtkMRMLSegmentationNode"):
+        scene = volume_node.GetScene()
+        color_ids_before = {
+            scene.GetNthNodeByClass(index, "vtkMRMLColorNode").GetID()
+            for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorNode"))
+        }
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DAGMaN lesion mask")
+        try:
+            slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(mask_node, labelmap, volume_node)
+            _write_nonempty_mask(labelmap, mask_node.GetName(), path)
+        finally:
+            # The export adds a display node and may add a color table for the label map; neither stays.
+            display_node = labelmap.GetDisplayNode()
+            color_node = display_node.GetColorNode() if display_node is not None else None
+            if color_node is not None and color_node.GetID() in color_ids_before:
+                color_node = None
+            for node in (color_node, display_node, labelmap):
+                if node is not None and node.GetScene() is scene:
+                    scene.RemoveNode(node)
+    elif mask_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        _write_nonempty_mask(mask_node, mask_node.GetName(), path)
+    else:
+        raise ValueError(
+            f"Lesion mask {mask_node.GetName()!r} is a {mask_node.GetClassName()}; choose a segmentation or a label map"
+        )
+
+
+def _write_nonempty_mask(labelmap, name: str, path: Path) -> None:
+    import slicer.util
+
+    if labelmap.GetImageData() is None or not slicer.util.arrayFromVolume(labelmap).any():
+        raise ValueError(f"Lesion mask {name!r} has no voxels; paint the lesion first or choose no mask")
+    write_volume_node(labelmap, path)
 
 
 def _default_scene():
