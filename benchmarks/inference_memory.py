@@ -40,6 +40,9 @@ LOWEST_RATIO, HIGHEST_RATIO = 0.67, 1.5
 CHILD_TIMEOUT_S = 1800
 
 sys.path.insert(0, str(MODULE_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pretrain_step import cpu_name  # noqa: E402 (the benchmarks folder is put on sys.path above)
 
 INTRO = """# Inference memory benchmarks
 
@@ -216,14 +219,7 @@ def describe_machine() -> str:
     import psutil
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return (
         f"{cpu}, {psutil.cpu_count(logical=False)} physical / {os.cpu_count()} logical cores, "
         f"{psutil.virtual_memory().total / GIB:.1f} GiB RAM; {platform.system()} {platform.release()}, "

@@ -353,18 +353,23 @@ def run_row(spec: dict) -> dict:
 # Parent process: rows, machine description and the Markdown section.
 
 
-def describe_machine(device: str) -> dict:
-    import psutil
-    import torch
-
+def cpu_name() -> str:
+    """Return the CPU model from /proc/cpuinfo, or what the platform module knows elsewhere."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def describe_machine(device: str) -> dict:
+    import psutil
+    import torch
+
+    cpu = cpu_name()
     machine = {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
