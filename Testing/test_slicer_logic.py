@@ -141,6 +141,13 @@ class FakeInferenceRunner:
         return FinishedFakeChild(stdout)
 
 
+def fake_model_dir(folder: Path, task: str) -> Path:
+    """Return a model folder whose model.json names ``task``; the fake runner needs no weights."""
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"task": task}), encoding="utf-8")
+    return folder
+
+
 @pytest.fixture
 def oblique_ct(slicer_scene_with_views):
     """An oblique, anisotropic CT volume node (0.7 x 0.8 x 2.5 mm, rotated axes, nonzero origin)."""
@@ -491,8 +498,7 @@ def test_lesion_point_passed_to_child(oblique_ct, tmp_path):
     scene = oblique_ct.GetScene()
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule")
     points.AddControlPointWorld(-12.5, 30.25, 4.0)
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
+    model_dir = fake_model_dir(tmp_path / "model", "classification")
     runner = FakeInferenceRunner()
 
     DAGMaNLogic(runner=runner, python_executable="python-for-test").run(oblique_ct, model_dir, device="cpu", point_node=points)
@@ -505,8 +511,10 @@ def test_empty_point_list_rejected(oblique_ct, tmp_path):
     points = oblique_ct.GetScene().AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Empty")
     runner = FakeInferenceRunner()
 
+    model_dir = fake_model_dir(tmp_path / "model", "classification")
+
     with pytest.raises(ValueError, match="'Empty' has no points; place a point on the lesion"):
-        DAGMaNLogic(runner=runner).start(oblique_ct, tmp_path, device="cpu", point_node=points)
+        DAGMaNLogic(runner=runner).start(oblique_ct, model_dir, device="cpu", point_node=points)
 
     assert runner.commands == []
 
@@ -517,9 +525,11 @@ def test_point_and_mask_together_rejected(oblique_ct, tmp_path):
     points.AddControlPointWorld(0.0, 0.0, 0.0)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Nodule mask")
 
+    model_dir = fake_model_dir(tmp_path / "model", "classification")
+
     with pytest.raises(ValueError, match="lesion point or a lesion mask, not both"):
         DAGMaNLogic(runner=FakeInferenceRunner()).start(
-            oblique_ct, tmp_path, device="cpu", point_node=points, mask_node=segmentation
+            oblique_ct, model_dir, device="cpu", point_node=points, mask_node=segmentation
         )
 
 
@@ -530,8 +540,45 @@ def test_empty_lesion_mask_rejected(oblique_ct, tmp_path):
     runner = FakeInferenceRunner()
     nodes_before = oblique_ct.GetScene().GetNumberOfNodes()
 
+    model_dir = fake_model_dir(tmp_path / "model", "classification")
+
     with pytest.raises(ValueError, match="'Unpainted' has no voxels; paint the lesion first"):
-        DAGMaNLogic(runner=runner).start(oblique_ct, tmp_path, device="cpu", mask_node=segmentation)
+        DAGMaNLogic(runner=runner).start(oblique_ct, model_dir, device="cpu", mask_node=segmentation)
 
     assert runner.commands == []
     assert oblique_ct.GetScene().GetNumberOfNodes() == nodes_before
+
+
+def test_lesion_inputs_ignored_for_segmentation(oblique_ct, tmp_path):
+    scene = oblique_ct.GetScene()
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule")
+    points.AddControlPointWorld(-12.5, 30.25, 4.0)
+    model_dir = fake_model_dir(tmp_path / "model", "segmentation")
+    runner = FakeInferenceRunner()
+
+    outputs = DAGMaNLogic(runner=runner).run(oblique_ct, model_dir, device="cpu", point_node=points)
+
+    assert not any(argument.startswith("--point") for argument in runner.commands[0])
+    assert outputs.segmentation_node is not None
+
+
+class DamagedOutputRunner(FakeInferenceRunner):
+    """Writes the fake's outputs, then cuts ``attention.nrrd`` short, as a full disk would."""
+
+    def start(self, command, env=None):
+        child = super().start(command, env)
+        attention = Path(command[command.index("--output") + 1]) / "attention.nrrd"
+        attention.write_bytes(attention.read_bytes()[:300])
+        return child
+
+
+def test_unreadable_output_fails_without_nodes(oblique_ct, tmp_path):
+    scene = oblique_ct.GetScene()
+    counts_before = {name: scene.GetNumberOfNodesByClass(name) for name in ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode")}
+    model_dir = fake_model_dir(tmp_path / "model", "segmentation")
+
+    with pytest.raises(InferenceError, match="Loading the results of the inference failed"):
+        DAGMaNLogic(runner=DamagedOutputRunner()).run(oblique_ct, model_dir, device="cpu")
+
+    for name, count in counts_before.items():
+        assert scene.GetNumberOfNodesByClass(name) == count

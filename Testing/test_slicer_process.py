@@ -162,6 +162,28 @@ def test_cancel_kills_process_tree(slicer_scene, small_ct, tmp_path):
     assert logic.job is None
 
 
+def test_abandon_kills_child_and_cleans_up(slicer_scene, small_ct, tmp_path):
+    before = result_node_counts(slicer_scene)
+    logic = DAGMaNLogic(runner=ScriptRunner(CHILD_WITH_GRANDCHILD))
+    job = logic.start(small_ct, tmp_path, device="cpu")
+    deadline = time.monotonic() + 30
+    while (job.last_event is None or job.last_event.stage != "spawned") and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    pids = [job.child.pid, int(job.last_event.message)]
+
+    logic.abandon()
+
+    deadline = time.monotonic() + 5
+    while not all(process_is_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        assert process_is_gone(pid), f"process {pid} still runs after abandon"
+    assert not job.temp_dir.exists()
+    assert logic.job is None
+    assert result_node_counts(slicer_scene) == before
+
+
 def test_start_poll_finish_api(slicer_scene, small_ct, tmp_path):
     logic = DAGMaNLogic(runner=ScriptRunner(CHILD_WITH_GRANDCHILD))
     job = logic.start(small_ct, tmp_path, device="cpu")

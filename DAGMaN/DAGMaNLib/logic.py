@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 INPUT_FILE_NAME = "input.nrrd"
 MASK_FILE_NAME = "lesion_mask.nrrd"
+# How long abandon() waits for a killed child to be reaped before it deletes the temporary folder.
+ABANDON_WAIT_S = 5.0
 OUTPUT_DIR_NAME = "output"
 
 
@@ -128,6 +130,9 @@ class DAGMaNLogic:
             # A finished job whose results were never loaded.
             self._discard(self.job)
         model_path = self._validate_inputs(volume_node, model_dir, device)
+        if (point_node is not None or mask_node is not None) and _model_task(model_path) != "classification":
+            logger.info("The model in %s is not a classifier, so the lesion point and mask are not used", model_path)
+            point_node = mask_node = None
         if point_node is not None and mask_node is not None:
             raise ValueError("Choose a lesion point or a lesion mask, not both")
         point_ras = lesion_point_ras(point_node) if point_node is not None else None
@@ -188,7 +193,11 @@ class DAGMaNLogic:
 
             job.report(CHILD_PROGRESS_SHARE, "Loading the results and the attention map")
             result = read_result(job.output_dir)
-            outputs = load_outputs(job.volume_node, result, self.attention_threshold, self.attention_opacity)
+            try:
+                outputs = load_outputs(job.volume_node, result, self.attention_threshold, self.attention_opacity)
+            except (OSError, ValueError, MemoryError) as error:
+                # load_outputs has removed the nodes it added, so the scene is as before the run.
+                raise InferenceError(f"Loading the results of the inference failed: {error}") from error
             if not self.keep_previous_results:
                 new_nodes = (outputs.segmentation_node, outputs.attention_node, outputs.table_node)
                 remove_previous_results(job.volume_node, result.model_sha256, keep=new_nodes)
@@ -196,6 +205,20 @@ class DAGMaNLogic:
             return outputs
         finally:
             self._discard(job)
+
+    def abandon(self) -> None:
+        """Kill the running child process tree, if any, and delete its temporary folder.
+
+        For a widget that closes during a run: no results are loaded and ``finish`` is not needed.
+        """
+        job = self.job
+        if job is None:
+            return
+        job.cancel()
+        deadline = time.monotonic() + ABANDON_WAIT_S
+        while not job.poll() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._discard(job)
 
     def cancel(self) -> None:
         """Kill the running child process tree, if any; ``finish`` then raises ``InferenceCancelled``."""
@@ -294,6 +317,15 @@ class DAGMaNLogic:
             logger.info("Keeping temporary inference folder %s", temp_dir)
             return
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _model_task(model_path: Path) -> str:
+    """Return the task of the bundle in ``model_path``, "segmentation" when model.json has no task."""
+    try:
+        return json.loads((model_path / "model.json").read_text(encoding="utf-8")).get("task", "segmentation")
+    except (OSError, ValueError, AttributeError):
+        # An unreadable bundle fails in the child, with the child's own message.
+        return "unknown"
 
 
 def lesion_point_ras(markups_node) -> tuple[float, float, float]:
