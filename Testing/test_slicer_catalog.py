@@ -113,6 +113,13 @@ def test_user_model_is_kept_in_the_settings(bundle, tmp_path):
     assert [entry.id for entry in reopened.entries()] == [added.id]
     assert reopened.verified_folder(added.id) == tmp_path / "cache" / added.id
 
+    shutil.rmtree(tmp_path / "cache" / added.id)
+    (missing,) = reopened.entries()
+    assert not missing.installed
+    assert missing.describe().endswith("bundle missing from the cache folder; add it again")
+    with pytest.raises(CatalogueError, match="no longer in .*add it again"):
+        reopened.verified_folder(added.id)
+
     reopened.remove(added.id)
     assert reopened.entries() == []
     assert not (tmp_path / "cache" / added.id).exists()

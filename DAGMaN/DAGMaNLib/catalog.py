@@ -6,7 +6,7 @@ verified before every use, so a bundle that was damaged or swapped on disk is no
 
 Catalogue entries record where a model comes from (``url``) and what it needs. The bundle itself is
 installed with ``add_folder`` (the module's "Add model from folder..." button). A folder whose
-weights match a catalogue entry becomes that entry; any other bundle becomes a user model, kept in
+weights match a catalogue entry becomes that entry. Any other bundle becomes a user model, kept in
 the settings (``QSettings`` in Slicer, any object with ``value`` and ``setValue`` elsewhere).
 """
 
@@ -107,8 +107,10 @@ class ModelEntry:
             parts.append(f"version {self.version}")
         if self.min_memory_gib is not None:
             parts.append(f"needs about {self.min_memory_gib:g} GiB")
-        if not self.installed:
-            parts.append(f"get it from {self.url}" if self.url else "not installed")
+        if not self.installed and self.url:
+            parts.append(f"get it from {self.url}")
+        elif not self.installed:
+            parts.append("bundle missing from the cache folder; add it again")
         return "; ".join(parts)
 
     def display_name(self) -> str:
@@ -200,10 +202,14 @@ class ModelCatalog:
         self.settings.setValue(CACHE_FOLDER_KEY, str(folder))
 
     def entries(self) -> list[ModelEntry]:
-        """Return the catalogue's models (installed or not), then the user's, in a stable order."""
+        """Return the catalogue's models, then the user's, installed or not, in a stable order.
+
+        A user model whose bundle is gone from the cache folder (deleted, or the folder changed)
+        stays listed as not installed until the user removes it or adds it again.
+        """
         published = [_with_folder(entry, self._installed_folder(entry)) for entry in self.catalogue]
         users = [_with_folder(entry, self._installed_folder(entry)) for entry in self._user_entries()]
-        return published + [entry for entry in users if entry.installed]
+        return published + users
 
     def entry(self, model_id: str) -> ModelEntry:
         for entry in self.entries():
@@ -259,6 +265,11 @@ class ModelCatalog:
     def verified_folder(self, model_id: str) -> Path:
         """Return the bundle folder of ``model_id`` after checking its weights against the recorded sha256."""
         entry = self.entry(model_id)
+        if entry.folder is None and entry.source == "user":
+            raise CatalogueError(
+                f"The bundle of model {entry.title!r} is no longer in {self.cache_folder}; add it again with "
+                "\"Add model from folder...\" or remove it from the list"
+            )
         if entry.folder is None:
             where = f" from {entry.url}" if entry.url else ""
             raise CatalogueError(
