@@ -105,7 +105,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.probeTimer.setInterval(POLL_INTERVAL_MS)
         self.probeTimer.connect("timeout()", self.onProbeTimer)
 
-        self.ui.cacheFolderPathLineEdit.currentPath = str(self.catalog.cache_folder)
+        self.ui.cacheFolderButton.directory = str(self.catalog.cache_folder)
         self.updateModelList(slicer.app.userSettings().value(SELECTED_MODEL_KEY, ""))
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
@@ -114,7 +114,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.refreshDeviceButton.connect("clicked(bool)", self.startDeviceProbe)
-        self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
+        self.ui.cacheFolderButton.connect("directoryChanged(QString)", self.onCacheFolderChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showAttentionCheckBox.connect("toggled(bool)", self.onShowAttentionToggled)
         self.ui.attentionOpacitySlider.connect("valueChanged(double)", self.onAttentionOpacityChanged)
@@ -126,14 +126,13 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startDeviceProbe()
 
     def cleanup(self):
-        self.cancelRunningJob()
-        for timer in (self.pollTimer, self.probeTimer):
-            if timer is not None:
-                timer.stop()
+        self.abandonRunningJob()
+        if self.probeTimer is not None:
+            self.probeTimer.stop()
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
-        self.cancelRunningJob()
+        self.abandonRunningJob()
         self.attentionNode = None
 
     # Models and device
@@ -154,11 +153,16 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         modelId = self.selectedModelId()
         self.ui.modelInfoLabel.text = ""
         self.ui.removeModelButton.enabled = False
+        classifier = False
         if modelId:
             slicer.app.userSettings().setValue(SELECTED_MODEL_KEY, modelId)
             entry = self.catalog.entry(modelId)
             self.ui.modelInfoLabel.text = entry.describe()
-            self.ui.removeModelButton.enabled = entry.installed
+            self.ui.removeModelButton.enabled = entry.source == "user" or entry.installed
+            classifier = entry.task == "classification"
+        # A lesion point or mask only places a classifier's crop; the logic ignores them otherwise.
+        self.ui.pointSelector.enabled = classifier
+        self.ui.maskSelector.enabled = classifier
         self.onInputsChanged()
 
     def onAddModel(self):
@@ -194,7 +198,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.catalog.set_cache_folder(path)
         except CatalogueError as error:
             slicer.util.errorDisplay(str(error))
-            self.ui.cacheFolderPathLineEdit.currentPath = str(self.catalog.cache_folder)
+            self.ui.cacheFolderButton.directory = str(self.catalog.cache_folder)
             return
         self.updateModelList(self.selectedModelId())
         self.onModelChanged()
@@ -300,6 +304,7 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volumeNode, modelFolder, self.ui.deviceComboBox.currentText, self.probe
         )
         if memoryWarning and not slicer.util.confirmOkCancelDisplay(f"{memoryWarning}\n\nRun anyway?"):
+            self.showStatus("Not started")
             return
 
         self.ui.progressBar.value = 0
@@ -334,6 +339,11 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except InferenceError as error:
             self.moveTo(PanelState.FAILED, "Failed")
             slicer.util.errorDisplay(str(error))
+        except Exception as error:
+            # Any other error must still free the panel, or its inputs would stay locked.
+            logger.exception("Loading the DAGMaN results failed")
+            self.moveTo(PanelState.FAILED, "Failed")
+            slicer.util.errorDisplay(f"Loading the results failed: {error}")
         else:
             self.attentionNode = outputs.attention_node
             self.logic.set_attention_opacity(self.ui.attentionOpacitySlider.value, self.attentionNode)
@@ -370,6 +380,18 @@ class DAGMaNWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cancelRunningJob(self):
         if self.job is not None:
             self.logic.cancel()
+
+    def abandonRunningJob(self):
+        """Stop a running child and delete its files without loading results (module or scene closing)."""
+        if self.pollTimer is not None:
+            self.pollTimer.stop()
+        if self.job is None:
+            return
+        self.job = None
+        self.logic.abandon()
+        if self.panel.state is PanelState.RUNNING:
+            self.panel.to(PanelState.CANCELLING)
+        self.moveTo(PanelState.IDLE, "Cancelled")
 
     # First-use setup
 

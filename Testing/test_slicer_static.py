@@ -35,7 +35,7 @@ EXPECTED_WIDGETS = {
         "showAttentionCheckBox": "QCheckBox",
         "attentionOpacitySlider": "ctkSliderWidget",
         "attentionThresholdSlider": "ctkSliderWidget",
-        "cacheFolderPathLineEdit": "ctkPathLineEdit",
+        "cacheFolderButton": "ctkDirectoryButton",
         "removeModelButton": "QPushButton",
         "refreshDeviceButton": "QPushButton",
         "inputsCollapsibleButton": "ctkCollapsibleButton",

@@ -25,8 +25,8 @@ TRANSITIONS: dict[PanelState, frozenset] = {
     PanelState.IDLE: frozenset({PanelState.INSTALLING, PanelState.RUNNING, PanelState.FAILED}),
     PanelState.INSTALLING: frozenset({PanelState.IDLE, PanelState.RUNNING, PanelState.FAILED}),
     PanelState.RUNNING: frozenset({PanelState.CANCELLING, PanelState.DONE, PanelState.FAILED}),
-    # A child that finishes just as Cancel is pressed still reports success or failure.
-    PanelState.CANCELLING: frozenset({PanelState.IDLE, PanelState.DONE, PanelState.FAILED}),
+    # A cancelled job always ends cancelled (idle); only an error while loading or cleaning up ends failed.
+    PanelState.CANCELLING: frozenset({PanelState.IDLE, PanelState.FAILED}),
     PanelState.DONE: frozenset({PanelState.IDLE, PanelState.INSTALLING, PanelState.RUNNING, PanelState.FAILED}),
     PanelState.FAILED: frozenset({PanelState.IDLE, PanelState.INSTALLING, PanelState.RUNNING, PanelState.FAILED}),
 }
