@@ -20,7 +20,7 @@ Calibration: the activation factors below come from single forward passes measur
 peak resident set size (``ru_maxrss``) with the whole estimate. It used random-weight bundles of
 tiny_cpu (segmentation with 1 and 4 windows per pass, and classification), paper_swin and dagman_vit
 (segmentation), on a CPU-only build of torch 2.13 with MONAI 1.6.1 (Linux x86-64). In two runs,
-measured / estimate lay between 0.87 and 1.13. docs/benchmarks-inference-memory.md records each case.
+measured / estimate lay between 0.89 and 1.13. docs/benchmarks-inference-memory.md records each case.
 
 NOTE: the CUDA split (what lives on the GPU, the CUDA context and the host memory of the CUDA
 runtime) has not been measured on a GPU. Its constants are guesses.
@@ -76,7 +76,7 @@ VIT_TOKEN_ACTIVATION_FACTOR = 50.0
 BODY_VOXEL_FRACTION = 0.5
 
 # memory_warning stays silent only when the estimate times this margin fits. The benchmark's measured
-# peaks lay between 0.87 and 1.13 times the estimate, and the margin also covers scans and models
+# peaks lay between 0.89 and 1.13 times the estimate, and the margin also covers scans and models
 # that it did not run.
 SAFETY_MARGIN = 1.25
 
