@@ -129,8 +129,8 @@ def test_oblique_storage_gives_matching_results(original_result, trained_tumor_b
     # NOTE: an oblique copy is a resampled copy with other cut edges, so results match up to
     # interpolation and window placement, not bit for bit. Mirrored results are the control: a
     # misplaced result overlaps far less. The briefly trained model's attention is nearly flat, so it
-    # has no pattern to compare; the attention's placement on an oblique grid is checked by the
-    # classification crop below, and the flipped and permuted copies check the attention exactly.
+    # has no pattern to compare. The classification crop below checks the attention's placement on an
+    # oblique grid, and the flipped and permuted copies check the attention exactly.
     tumor, expected_tumor = segmentation == 1, expected_segmentation == 1
     assert expected_tumor.sum() > 1000
     overlap = dice(tumor, expected_tumor)
