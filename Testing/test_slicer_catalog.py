@@ -185,9 +185,9 @@ def test_changing_the_cache_folder(bundle, tmp_path):
     ("models", "message"),
     [
         ([{"id": "a", "title": "A", "task": "segmentation", "sha256": "a" * 64}] * 2, "appears twice"),
-        ([{"id": "a", "title": "A", "task": "segmentation", "sha256": "ABC"}], "'ABC' is not 64 lowercase hex"),
+        ([{"id": "a", "title": "A", "task": "segmentation", "sha256": "ABC"}], "invalid sha256 'ABC'; expected 64 lowercase hex"),
         ([{"id": "a", "title": "A", "task": "detection", "sha256": "a" * 64}], "task 'detection' is invalid"),
-        ([{"id": "../a", "title": "A", "task": "segmentation", "sha256": "a" * 64}], "may hold only letters"),
+        ([{"id": "../a", "title": "A", "task": "segmentation", "sha256": "a" * 64}], "invalid id '../a'; use only letters"),
         ([{"id": "a", "task": "segmentation", "sha256": "a" * 64}], "missing title"),
     ],
 )

@@ -356,7 +356,7 @@ def test_attention_hide_show_and_threshold(fake_run, oblique_ct, slicer_scene_wi
     assert attention.GetDisplayNode().GetLowerThreshold() == pytest.approx(0.6)
     assert attention.GetDisplayNode().GetUpperThreshold() == pytest.approx(1.0)
     assert logic.attention_threshold == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="lower_threshold 1.0 must lie in"):
+    with pytest.raises(ValueError, match="invalid lower_threshold 1.0; give a value in"):
         logic.set_attention_threshold(1.0, attention)
 
 

@@ -62,20 +62,20 @@ def test_estimate_grows_with_volume_size(task):
 
 def test_estimate_grows_with_window_batch():
     description = describe_model()
-    one = estimate_peak_memory(description, ABDOMEN_SHAPE, ABDOMEN_SPACING, "cpu", window_batch=1)
-    four = estimate_peak_memory(description, ABDOMEN_SHAPE, ABDOMEN_SPACING, "cpu", window_batch=4)
+    single = estimate_peak_memory(description, ABDOMEN_SHAPE, ABDOMEN_SPACING, "cpu", window_batch=1)
+    batched = estimate_peak_memory(description, ABDOMEN_SHAPE, ABDOMEN_SPACING, "cpu", window_batch=4)
 
-    assert four.host_stage == "sliding windows"
-    assert four.host_bytes > one.host_bytes
-    assert four.breakdown["window activations (4 per pass)"] > one.breakdown["window activations (1 per pass)"]
+    assert batched.host_stage == "sliding windows"
+    assert batched.host_bytes > single.host_bytes
+    assert batched.breakdown["window activations (4 per pass)"] > single.breakdown["window activations (1 per pass)"]
 
 
 def test_window_batch_capped_by_windows():
     description = describe_model()
-    one = estimate_peak_memory(description, (60, 60, 20), (1.0, 1.0, 2.0), "cpu", window_batch=1)
+    single = estimate_peak_memory(description, (60, 60, 20), (1.0, 1.0, 2.0), "cpu", window_batch=1)
     many = estimate_peak_memory(description, (60, 60, 20), (1.0, 1.0, 2.0), "cpu", window_batch=1000)
 
-    assert many.host_bytes == one.host_bytes
+    assert many.host_bytes == single.host_bytes
     assert "window activations (1 per pass)" in many.breakdown
 
 

@@ -354,7 +354,7 @@ def run_row(spec: dict) -> dict:
 
 
 def cpu_name() -> str:
-    """Return the CPU model from /proc/cpuinfo, or what the platform module knows elsewhere."""
+    """Return the CPU model from /proc/cpuinfo, or the platform module's processor name elsewhere."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -320,11 +320,11 @@ def _entry_from_dict(item: dict, source: str, where: str) -> ModelEntry:
     if missing:
         raise CatalogueError(f"{where}: missing {', '.join(missing)}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", item["id"]):
-        raise CatalogueError(f"{where}: id {item['id']!r} may hold only letters, digits, '.', '_' and '-'")
+        raise CatalogueError(f"{where}: invalid id {item['id']!r}; use only letters, digits, '.', '_' and '-'")
     if item["task"] not in TASKS:
         raise CatalogueError(f"{where}: task {item['task']!r} is invalid; valid tasks: {', '.join(TASKS)}")
     if not SHA256_PATTERN.match(item["sha256"]):
-        raise CatalogueError(f"{where}: sha256 {item['sha256']!r} is not 64 lowercase hex digits")
+        raise CatalogueError(f"{where}: invalid sha256 {item['sha256']!r}; expected 64 lowercase hex digits")
     labels = tuple(
         CatalogueLabel(int(label["value"]), str(label["name"]), label.get("terminology"))
         for label in item.get("labels", [])

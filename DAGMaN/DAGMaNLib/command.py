@@ -75,12 +75,12 @@ def build_inference_command(
     validate_device(device)
     if point_ras is not None and mask_path is not None:
         raise ValueError("give a lesion point or a lesion mask, not both")
-    point = ["--mask", str(mask_path)] if mask_path is not None else []
+    lesion_arguments = ["--mask", str(mask_path)] if mask_path is not None else []
     if point_ras is not None:
         if len(point_ras) != 3:
             raise ValueError(f"point_ras {tuple(point_ras)} must have 3 coordinates (R, A, S in mm)")
         # One "--point=R,A,S" argument, so that argparse does not read a negative R as an option.
-        point = ["--point=" + ",".join(repr(float(value)) for value in point_ras)]
+        lesion_arguments = ["--point=" + ",".join(repr(float(value)) for value in point_ras)]
     return [
         python_executable,
         "-m",
@@ -95,7 +95,7 @@ def build_inference_command(
         device,
         "--progress",
         "json",
-        *point,
+        *lesion_arguments,
     ]
 
 

@@ -39,7 +39,7 @@ def missing_requirements(packages: Mapping[str, str] = REQUIRED_PACKAGES) -> lis
     """Return the pip requirements of ``packages`` whose import name is not installed, in order.
 
     NOTE: an installed package counts whatever its version, so a MONAI that another extension
-    installed is kept rather than replaced by the pinned one; the torch probe then checks that it imports.
+    installed is kept rather than replaced by the pinned one. The torch probe then checks that it imports.
     """
     return [requirement for import_name, requirement in packages.items() if not is_installed(import_name)]
 

@@ -139,7 +139,7 @@ def set_foreground_opacity(scene, opacity: float, foreground_node=None) -> int:
 def set_lower_threshold(volume_node, lower_threshold: float) -> None:
     """Make attention values below ``lower_threshold`` (0..1) transparent in the slice views."""
     if not 0.0 <= lower_threshold < 1.0:
-        raise ValueError(f"lower_threshold {lower_threshold} must lie in [0, 1)")
+        raise ValueError(f"invalid lower_threshold {lower_threshold}; give a value in [0, 1)")
     display_node = volume_node.GetDisplayNode()
     if display_node is None:
         raise ValueError(f"Volume {volume_node.GetName()!r} has no display node; show it once before thresholding")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .catalog import read_bundle_description
 from .command import build_child_environment, build_inference_command, find_python_executable, validate_device
 from .display import (
     DEFAULT_FOREGROUND_OPACITY,
@@ -252,7 +253,7 @@ class DAGMaNLogic:
 
         model_path = Path(model_dir)
         try:
-            description = json.loads((model_path / "model.json").read_text(encoding="utf-8"))
+            description = read_bundle_description(model_path)
             weights = model_path / description["weights"]["file"]
             image = volume_node.GetImageData()
             estimate = estimate_peak_memory(

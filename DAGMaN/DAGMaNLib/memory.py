@@ -35,7 +35,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .command import CUDA_INDEX_PATTERN
+from .command import validate_device
 
 MIB = 1024**2
 GIB = 1024**3
@@ -164,11 +164,9 @@ def _validate_geometry(volume_shape_ijk: Sequence[int], spacing_mm_ijk: Sequence
 
 
 def _validate_device(device: str) -> str:
-    if device == "cpu" or device == "cuda" or (isinstance(device, str) and CUDA_INDEX_PATTERN.fullmatch(device)):
-        return device
     if device == "auto":
         raise ValueError("device 'auto' cannot be estimated. Pass 'cuda' when the GPU probe found a GPU, else 'cpu'")
-    raise ValueError(f"invalid device {device!r}; valid devices: 'cpu', 'cuda' or 'cuda:N'")
+    return validate_device(device)
 
 
 def _section(mapping: Mapping, key: str, where: str) -> Mapping:
